@@ -1,0 +1,10 @@
+"""sparsekern: one-shot pruning of large language models (SparseGPT, Wanda, magnitude; unstructured and N:M),
+with fused GPU kernels for the pruning inner loops."""
+
+__version__ = "0.1.0"
+
+from .api import PruneReport, prune  # noqa: E402
+from .backend import get_backend, set_backend  # noqa: E402
+from .patterns import SparsityPattern  # noqa: E402
+
+__all__ = ["PruneReport", "SparsityPattern", "__version__", "get_backend", "prune", "set_backend"]

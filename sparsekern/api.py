@@ -1,0 +1,110 @@
+"""The Python API: ``sparsekern.prune(model, tokenizer, method=..., sparsity=..., ...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Mapping
+
+import torch
+
+from .patterns import PatternSpec, SparsityPattern
+from .pipeline import LinearReport, prune_layers
+from .prune import make_method
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What a pruning run did; ``to_dict()`` is the content of ``sparsity.json``."""
+
+    method: str
+    pattern: str
+    options: dict
+    calibration: dict | None
+    linears: list[LinearReport]
+    time_s: float
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved fraction of zeros over all pruned linears."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.linears)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.linears)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        from . import __version__
+
+        return {
+            "method": self.method,
+            "pattern": self.pattern,
+            "sparsity": self.sparsity,
+            "options": self.options,
+            "calibration": self.calibration,
+            "time_s": self.time_s,
+            "sparsekern_version": __version__,
+            "layers": [dataclasses.asdict(r) for r in self.linears],
+        }
+
+
+def prune(
+    model: torch.nn.Module,
+    tokenizer=None,
+    *,
+    method: str = "sparsegpt",
+    sparsity: PatternSpec = 0.5,
+    calib: str | torch.Tensor = "lee",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    wbits: int | None = None,
+    groupsize: int | None = None,
+    blocksize: int | None = None,
+    percdamp: float | None = None,
+    device: str | torch.device | None = None,
+    true_sequential: bool = False,
+    overrides: Mapping[str, PatternSpec | None] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
+
+    method: "sparsegpt", "wanda" or "magnitude". sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
+    calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
+        into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
+    wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping).
+    device: where layers are pruned (default: CUDA when available, else the model's device); the model itself
+        stays where it is, so a model larger than the GPU prunes.
+    overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
+    """
+    start = time.perf_counter()
+    pattern = SparsityPattern.parse(sparsity)
+    algorithm = make_method(method, wbits=wbits, groupsize=groupsize, blocksize=blocksize, percdamp=percdamp)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
+    calibration_ids, calibration_info = None, None
+    if algorithm.stats is not None:
+        calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed)
+    linears = prune_layers(
+        model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
+        true_sequential=true_sequential, overrides=overrides, progress=progress,
+    )
+    options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
+    return PruneReport(algorithm.name, str(pattern), options, calibration_info, linears,
+                       time.perf_counter() - start)
+
+
+def _calibration(model, tokenizer, calib, nsamples, seqlen, seed) -> tuple[torch.Tensor, dict]:
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"calibration ids must be an integer tensor [nsamples, seqlen], got "
+                             f"{calib.dtype} {tuple(calib.shape)}")
+        return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
+    if tokenizer is None:
+        raise ValueError(f"calibration source {calib!r} needs the model's tokenizer: prune(model, tokenizer, ...)")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}; pass --seqlen")
+    from .data import calibration_windows
+
+    ids = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    return ids, {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}

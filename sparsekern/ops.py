@@ -1,0 +1,174 @@
+"""The public op layer: ``torch.library`` custom ops ``sparsekern::<name>``, with fake (meta) implementations.
+
+Other libraries call these on their own tensors; the pruning algorithms in ``sparsekern.prune`` call nothing
+else. Each op dispatches by backend (``sparsekern.backend``) to a compiled or interpreted Triton kernel, a native
+op, or the pure-PyTorch reference in ``sparsekern.reference``. Kernels register themselves in ``_KERNELS``;
+an op with no kernel for the active backend runs the reference.
+
+Conventions: weights are [rows, cols] = [out_features, in_features]; masks are bool, True where pruned; N:M
+arguments are ``prune_n`` zeros in every ``prune_m`` consecutive inputs (``prune_n = 0``: unstructured).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import reference
+from .backend import backend_for
+
+# op name -> backend -> implementation with the reference's signature.
+_KERNELS: dict[str, dict[str, Callable]] = {}
+
+
+def _implementation(op: str, tensor: torch.Tensor) -> Callable:
+    return _KERNELS.get(op, {}).get(backend_for(tensor), getattr(reference, op))
+
+
+# -- masks -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::nm_mask", mutates_args=())
+def nm_mask(scores: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
+    """Bool mask [rows, cols] marking the prune_n lowest of every prune_m consecutive scores of each row."""
+    _check_nm(scores, prune_n, prune_m, "scores")
+    return _implementation("nm_mask", scores)(scores, prune_n, prune_m)
+
+
+@nm_mask.register_fake
+def _(scores, prune_n, prune_m):
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+# -- Wanda and magnitude ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::wanda_prune", mutates_args=("weight",))
+def wanda_prune(
+    weight: torch.Tensor, act_norm: torch.Tensor, sparsity: float, prune_n: int, prune_m: int
+) -> torch.Tensor:
+    """Zero, in place, the lowest |W_ij| * act_norm_j of each row (unstructured) or of every prune_m inputs
+    (N:M); return the bool mask. weight [rows, cols] fp32/fp16/bf16; act_norm [cols] (L2 norm per input)."""
+    if act_norm.shape != (weight.shape[1],):
+        raise ValueError(f"act_norm has shape {tuple(act_norm.shape)}, expected ({weight.shape[1]},)")
+    _check_pattern(weight, sparsity, prune_n, prune_m)
+    return _implementation("wanda_prune", weight)(weight, act_norm, sparsity, prune_n, prune_m)
+
+
+@wanda_prune.register_fake
+def _(weight, act_norm, sparsity, prune_n, prune_m):
+    return torch.empty_like(weight, dtype=torch.bool)
+
+
+@torch.library.custom_op("sparsekern::magnitude_prune", mutates_args=("weight",))
+def magnitude_prune(weight: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> torch.Tensor:
+    """Zero, in place, the smallest |W| of the whole matrix (unstructured) or of every prune_m inputs (N:M);
+    return the bool mask."""
+    _check_pattern(weight, sparsity, prune_n, prune_m)
+    return _implementation("magnitude_prune", weight)(weight, sparsity, prune_n, prune_m)
+
+
+@magnitude_prune.register_fake
+def _(weight, sparsity, prune_n, prune_m):
+    return torch.empty_like(weight, dtype=torch.bool)
+
+
+# -- calibration statistics ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::hessian_update", mutates_args=("hessian",))
+def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int) -> None:
+    """H <- (count * H + 2 X^T X) / (count + m) in place; hessian [k, k] fp32, x [..., k] (m = rows of x)."""
+    _implementation("hessian_update", hessian)(hessian, x, count)
+
+
+@hessian_update.register_fake
+def _(hessian, x, count):
+    return None
+
+
+@torch.library.custom_op("sparsekern::sumsq_update", mutates_args=("sumsq",))
+def sumsq_update(sumsq: torch.Tensor, x: torch.Tensor, count: int) -> None:
+    """Running per-channel mean of squares in place: sumsq [k] fp32, x [..., k]."""
+    _implementation("sumsq_update", sumsq)(sumsq, x, count)
+
+
+@sumsq_update.register_fake
+def _(sumsq, x, count):
+    return None
+
+
+# -- SparseGPT ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::hinv_cholesky", mutates_args=())
+def hinv_cholesky(hessian: torch.Tensor, percdamp: float, max_tries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, damp): U upper triangular with U^T U = (H + damp I)^-1, dead inputs given a unit diagonal, damp
+    escalated x10 per failed factorization (max_tries attempts). Raises NotPositiveDefiniteError."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square, got shape {tuple(hessian.shape)}")
+    return _implementation("hinv_cholesky", hessian)(hessian, percdamp, max_tries)
+
+
+@hinv_cholesky.register_fake
+def _(hessian, percdamp, max_tries):
+    return torch.empty_like(hessian), hessian.new_empty(())
+
+
+@torch.library.custom_op("sparsekern::sparsegpt_prune", mutates_args=())
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hinv_upper: torch.Tensor,
+    sparsity: float,
+    prune_n: int,
+    prune_m: int,
+    blocksize: int,
+    bits: int,
+    groupsize: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT on one layer: (pruned weight [rows, cols] fp32, loss [rows], scale [rows, G], zero [rows, G]).
+
+    weight [rows, cols] any float dtype; hinv_upper [cols, cols] from ``hinv_cholesky``. bits = 0 disables
+    quantization (G = 0); otherwise G = 1, or ceil(cols / groupsize) with a group size.
+    """
+    _check_pattern(weight, sparsity, prune_n, prune_m)
+    if hinv_upper.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"hinv_upper has shape {tuple(hinv_upper.shape)}, expected {(weight.shape[1],) * 2}")
+    return _implementation("sparsegpt_prune", weight)(
+        weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize
+    )
+
+
+@sparsegpt_prune.register_fake
+def _(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize):
+    rows, cols = weight.shape
+    dtype = reference.sparsegpt.compute_dtype(weight.dtype)
+    groups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))
+    return (
+        weight.new_empty((rows, cols), dtype=dtype),
+        weight.new_empty((rows,), dtype=dtype),
+        weight.new_empty((rows, groups), dtype=dtype),
+        weight.new_empty((rows, groups), dtype=dtype),
+    )
+
+
+# -- argument checks shared by the ops ----------------------------------------------------------------------
+
+
+def _check_nm(tensor: torch.Tensor, prune_n: int, prune_m: int, what: str) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [rows, cols], got shape {tuple(tensor.shape)}")
+    if not 0 < prune_n < prune_m:
+        raise ValueError(f"N:M needs 0 < N < M, got {prune_n}:{prune_m}")
+    if tensor.shape[1] % prune_m:
+        raise ValueError(f"{what} has {tensor.shape[1]} columns, not divisible by M={prune_m}")
+
+
+def _check_pattern(weight: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> None:
+    if prune_n:
+        _check_nm(weight, prune_n, prune_m, "weight")
+    elif weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
+    elif not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")

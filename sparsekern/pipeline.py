@@ -1,0 +1,415 @@
+"""Sequential, layer-by-layer pruning of any Hugging Face causal LM.
+
+1. Find the stack of decoder layers generically: the ModuleList of ``num_hidden_layers`` identical blocks.
+2. Capture, for every calibration batch, the first layer's input and every layer's other arguments (attention
+   mask, position ids or rotary embeddings, cache position...; they differ between layers in models that
+   alternate sliding-window and full attention). Each layer's ``forward`` is swapped for a recorder that
+   returns its input unchanged, so one cheap pass through the embeddings captures everything.
+3. For each layer, on the accelerator while the rest of the model stays where it was (offload): collect the
+   method's statistics for its linears with forward hooks, prune them, re-run the layer to produce the next
+   layer's inputs. Linears reading the same input (q/k/v, gate/up) share one statistic and one prepared
+   factor. With ``true_sequential``, those input groups are pruned in call order, each from statistics
+   re-collected after the groups before it were pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .patterns import PatternSpec, SparsityPattern, resolve_pattern
+from .prune import Method
+
+
+class _StopForward(Exception):
+    """Raised to end a forward pass once everything needed from it was seen."""
+
+
+# -- model structure ---------------------------------------------------------------------------------------
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The (name, ModuleList) of the model's decoder layers, found without per-model module paths.
+
+    Preferred: the shallowest ModuleList of ``num_hidden_layers`` modules of one class that contain linears.
+    Fallback: the longest such list.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    expected = getattr(text_config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or not find_linears(module[0]):
+            continue
+        candidates.append((len(module) != expected, name.count("."), -len(module), name, module))
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__}: found no list of decoder layers containing linear layers; "
+            "sparsekern prunes Hugging Face causal LMs whose decoder layers are an nn.ModuleList"
+        )
+    candidates.sort(key=lambda c: c[:4])
+    return candidates[0][3], candidates[0][4]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family) is a linear layer with a transposed [in, out] weight.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer under ``module`` by relative name: nn.Linear and transformers' Conv1D."""
+    return {name: child for name, child in module.named_modules() if name and _is_linear(child)}
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a view; Conv1D stores it transposed)."""
+    return linear.weight.t() if type(linear).__name__ == "Conv1D" else linear.weight
+
+
+# -- capture of layer inputs -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """How the model called one layer for one batch: positional args (hidden states removed) and kwargs."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+
+    def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> Any:
+        if self.hidden_as_kwarg:
+            return layer(*self.args, hidden_states=hidden, **self.kwargs)
+        return layer(hidden, *self.args, **self.kwargs)
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs), False)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), LayerCall((), kwargs, True)
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@contextlib.contextmanager
+def _swapped_forwards(layers: nn.ModuleList, make_forward: Callable[[int], Callable]) -> Iterator[None]:
+    """Temporarily replace each layer's forward (attributes such as ``attention_type`` stay readable)."""
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = make_forward(index)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    training = model.training
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, key, tensor) for every parameter and buffer not inside a decoder layer (embeddings, rotary...)."""
+    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+    for module in model.modules():
+        for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and id(tensor) not in inside:
+                yield module, key, tensor
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> Callable[[], None]:
+    """Move what is outside the decoder layers to ``device``; return the function that moves it back."""
+    moved = []
+    for module, key, tensor in _outside_layers(model, layers):
+        if tensor.device != device:
+            moved.append((module, key, tensor.device))
+            _set_tensor_device(module, key, device)
+
+    def restore() -> None:
+        for module, key, home in moved:
+            _set_tensor_device(module, key, home)
+
+    return restore
+
+
+def _set_tensor_device(module: nn.Module, key: str, device: torch.device) -> None:
+    if key in module._parameters:
+        param = module._parameters[key]
+        param.data = param.data.to(device)  # keeps the Parameter object, so tied weights stay tied
+    else:
+        module._buffers[key] = module._buffers[key].to(device)
+
+
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """The first layer's input for each batch, and how each layer is called for each batch ([layer][batch]).
+
+    Everything outside the decoder layers must already be on ``device``.
+    """
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    first_inputs: list[torch.Tensor] = []
+    first_output_is_tensor: list[bool] = []
+
+    def make_forward(index: int) -> Callable:
+        def record(*args, **kwargs):
+            hidden, call = _split_hidden(args, kwargs)
+            calls[index].append(call)
+            if index == 0:
+                first_inputs.append(hidden)
+            if index == len(layers) - 1:
+                raise _StopForward
+            # Return the input unchanged, shaped like the real layer's output.
+            return hidden if first_output_is_tensor[0] else (hidden,)
+
+        return record
+
+    # Learn the layers' output structure (a tensor, or a tuple led by the hidden states) from one real call.
+    with _swapped_forwards(layers[:1], lambda _: _recording_stop(first_inputs, calls[0])):
+        with contextlib.suppress(_StopForward):
+            model(batches[0].to(device), use_cache=False)
+    with _on_device(layers[0], device):
+        probe = calls[0][0](layers[0], first_inputs[0])
+    first_output_is_tensor.append(isinstance(probe, torch.Tensor))
+    first_inputs.clear()
+    calls[0].clear()
+    with _swapped_forwards(layers, make_forward):
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                model(batch.to(device), use_cache=False)
+    return first_inputs, calls
+
+
+def _recording_stop(first_inputs: list, calls: list) -> Callable:
+    def record(*args, **kwargs):
+        hidden, call = _split_hidden(args, kwargs)
+        first_inputs.append(hidden)
+        calls.append(call)
+        raise _StopForward
+
+    return record
+
+
+# -- input groups ------------------------------------------------------------------------------------------
+
+
+def input_groups(layer: nn.Module, linears: Mapping[str, nn.Module], run: Callable[[], Any]) -> list[list[str]]:
+    """Linears grouped by the very tensor they read, in the order the layer first calls them.
+
+    ``run`` performs one forward of the layer. Linears never called are left out.
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(name):
+        def fn(module, args):
+            for tensor, names in seen:
+                if tensor is args[0]:
+                    names.append(name)
+                    return
+            seen.append((args[0], [name]))
+
+        return fn
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [names for _, names in seen]
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    pattern: str
+    sparsity: float
+    loss: float | None = None
+    damp: float | None = None
+    time_s: float = 0.0
+
+
+def _plan(
+    layers_name: str, layers: nn.ModuleList, pattern: SparsityPattern,
+    overrides: Mapping[str, PatternSpec | None] | None,
+) -> list[dict[str, tuple[nn.Module, SparsityPattern]]]:
+    """Per layer: the linears to prune and their patterns. Checks every shape before any work starts."""
+    plan = []
+    for index, layer in enumerate(layers):
+        targets = {}
+        for name, linear in find_linears(layer).items():
+            full_name = f"{layers_name}.{index}.{name}"
+            chosen = resolve_pattern(full_name, pattern, overrides)
+            if chosen is None:
+                continue
+            chosen.check_columns(weight_matrix(linear).shape[1], full_name)
+            targets[name] = (linear, chosen)
+        plan.append(targets)
+    if not any(plan):
+        raise ValueError("nothing to prune: every linear layer was excluded by the overrides")
+    return plan
+
+
+def _prune_linear(method: Method, linear: nn.Module, prepared: Any, pattern: SparsityPattern,
+                  where: str) -> LinearReport:
+    start = time.perf_counter()
+    view = weight_matrix(linear)
+    if not torch.isfinite(view).all():
+        raise FloatingPointError(f"{where}: the weight contains NaN or Inf; the checkpoint is damaged")
+    weight = view.detach().to(torch.float32, copy=True)
+    result = method.prune_linear(weight, prepared, pattern, where)
+    view.data.copy_(result.weight.to(view.dtype))
+    sparsity = (view == 0).float().mean().item()
+    return LinearReport(where, tuple(view.shape), str(pattern), sparsity, result.loss, result.damp,
+                        time.perf_counter() - start)
+
+
+def prune_layers(
+    model: nn.Module,
+    method: Method,
+    pattern: SparsityPattern,
+    calibration: torch.Tensor | None,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    true_sequential: bool = False,
+    overrides: Mapping[str, PatternSpec | None] | None = None,
+    progress: bool = True,
+) -> list[LinearReport]:
+    """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns per-linear reports.
+
+    calibration: LongTensor [nsamples, seqlen] of token ids (unused by data-free methods).
+    device: where each layer is pruned; the model's parameters stay where they are between layers.
+    """
+    layers_name, layers = find_decoder_layers(model)
+    plan = _plan(layers_name, layers, pattern, overrides)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    reports: list[LinearReport] = []
+    bar = tqdm(total=len(layers), desc=f"{method.name} {pattern}", unit="layer", disable=not progress)
+
+    if method.stats is None:
+        with torch.no_grad():
+            for index, (layer, targets) in enumerate(zip(layers, plan)):
+                with _on_device(layer, device):
+                    for name, (linear, chosen) in targets.items():
+                        reports.append(_prune_linear(method, linear, None, chosen, f"{layers_name}.{index}.{name}"))
+                bar.update()
+        bar.close()
+        return reports
+
+    if calibration is None or calibration.numel() == 0:
+        raise ValueError(f"method {method.name!r} needs calibration data")
+    batches = list(calibration.split(batch_size))
+    with _calibration_mode(model):
+        bar.set_postfix_str("capturing layer inputs")
+        restore = _move_outside_layers(model, layers, device)
+        try:
+            hidden, calls = capture_layer_inputs(model, layers, batches, device)
+        finally:
+            restore()
+        for index, (layer, targets) in enumerate(zip(layers, plan)):
+            where = f"{layers_name}.{index}"
+            with _on_device(layer, device):
+                linears = {name: linear for name, (linear, _) in targets.items()}
+                groups = input_groups(layer, linears, lambda: calls[index][0](layer, hidden[0])) if linears else []
+                called = {name for group in groups for name in group}
+                for name in linears.keys() - called:
+                    raise RuntimeError(
+                        f"{where}.{name} was never called on the calibration data, so it has no statistics; "
+                        f"exclude it with an override such as '{where}.{name}=dense'"
+                    )
+                stages = groups if true_sequential else [[name for group in groups for name in group]]
+                for stage in stages:
+                    stage_groups = [[n for n in group if n in stage] for group in groups]
+                    stage_groups = [group for group in stage_groups if group]
+                    stats = _collect(method, layer, linears, stage_groups, hidden, calls[index], device, where)
+                    for group, stat in zip(stage_groups, stats):
+                        bar.set_postfix_str(f"{where}: {', '.join(group)}")
+                        prepared = method.prepare(stat, f"{where}.{group[0]}")
+                        for name in group:
+                            reports.append(
+                                _prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}")
+                            )
+                        del prepared
+                    del stats
+                bar.set_postfix_str(f"{where}: outputs")
+                for b, call in enumerate(calls[index]):
+                    out = _first_output(call(layer, hidden[b]))
+                    if not torch.isfinite(out).all():
+                        raise FloatingPointError(
+                            f"{where}: outputs contain NaN or Inf after pruning; try float32 (--dtype) "
+                            "or a lower sparsity for this layer"
+                        )
+                    hidden[b] = out
+            bar.update()
+    bar.close()
+    return reports
+
+
+def _collect(method: Method, layer: nn.Module, linears: Mapping[str, nn.Module], groups: list[list[str]],
+             hidden: list[torch.Tensor], calls: list[LayerCall], device: torch.device, where: str) -> list:
+    """Run every calibration batch through ``layer`` and accumulate one statistic per input group.
+
+    The forward stops right after the last linear of interest has read its input.
+    """
+    stats = []
+    handles = []
+    last = groups[-1][0]
+    for group in groups:
+        columns = weight_matrix(linears[group[0]]).shape[1]
+        stat = method.stats(columns, device, f"{where}.{group[0]}")
+        stats.append(stat)
+
+        def hook(module, args, stat=stat, stop=group[0] == last):
+            stat.add(args[0])
+            if stop:
+                raise _StopForward
+
+        handles.append(linears[group[0]].register_forward_pre_hook(hook))
+    try:
+        for b, call in enumerate(calls):
+            with contextlib.suppress(_StopForward):
+                call(layer, hidden[b])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@contextlib.contextmanager
+def _on_device(layer: nn.Module, device: torch.device) -> Iterator[None]:
+    """Hold one layer on ``device``, then send it back where it was (offload)."""
+    home = next(layer.parameters()).device
+    layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to(home)

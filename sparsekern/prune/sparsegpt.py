@@ -1,0 +1,80 @@
+"""SparseGPT (Frantar & Alistarh, 2023), optionally joint with weight quantization (the GPTQ grid)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from .. import ops
+from ..reference import NotPositiveDefiniteError
+from .base import LinearResult, Method
+from .stats import HessianStats
+
+
+@dataclasses.dataclass
+class Prepared:
+    hinv_upper: torch.Tensor  # U with U^T U = (H + damp I)^-1
+    dead: torch.Tensor  # inputs never active in calibration: their weights are zeroed
+    damp: float
+
+
+class SparseGPT(Method):
+    name = "sparsegpt"
+    stats = HessianStats
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, wbits: int = 0, groupsize: int = 0,
+                 max_damp_tries: int = 4):
+        if blocksize <= 0:
+            raise ValueError(f"blocksize must be positive, got {blocksize}")
+        if not percdamp > 0:
+            raise ValueError(f"percdamp must be positive, got {percdamp}")
+        if wbits and not 1 <= wbits <= 16:
+            raise ValueError(f"wbits must be between 1 and 16 (or 0 for no quantization), got {wbits}")
+        if groupsize and not wbits:
+            raise ValueError("groupsize only applies with quantization: pass wbits too")
+        if wbits and groupsize and blocksize % groupsize and groupsize % blocksize:
+            raise ValueError(
+                f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it "
+                f"(e.g. --groupsize {blocksize})"
+            )
+        self.blocksize, self.percdamp, self.wbits, self.groupsize = blocksize, percdamp, wbits, groupsize
+        self.max_damp_tries = max_damp_tries
+
+    def options(self):
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp, "wbits": self.wbits,
+                "groupsize": self.groupsize}
+
+    def prepare(self, stats: HessianStats, where: str) -> Prepared:
+        hessian = stats.hessian
+        if not torch.isfinite(hessian).all():
+            raise FloatingPointError(f"{where}: the Hessian of the calibration inputs has NaN or Inf entries")
+        diag = torch.diagonal(hessian)
+        dead = diag == 0
+        first_damp = self.percdamp * torch.where(dead, torch.ones_like(diag), diag).mean().item()
+        try:
+            upper, damp = ops.hinv_cholesky(hessian, self.percdamp, self.max_damp_tries)
+        except NotPositiveDefiniteError as exc:
+            raise NotPositiveDefiniteError(
+                f"{where}: Hessian {exc}; raise --percdamp (now {self.percdamp}) or use more calibration "
+                "samples (--nsamples)"
+            ) from None
+        damp = float(damp)
+        if damp > first_damp * 1.5:
+            warnings.warn(
+                f"{where}: Hessian not positive definite with damping {first_damp:.3g}; "
+                f"used {damp:.3g} (x{damp / first_damp:.0f}). Consider more calibration samples.",
+                stacklevel=2,
+            )
+        return Prepared(upper, dead, damp)
+
+    def prune_linear(self, weight, prepared: Prepared, pattern, where):
+        if pattern.is_nm and self.blocksize % pattern.m:
+            raise ValueError(f"{where}: blocksize {self.blocksize} is not a multiple of M={pattern.m}")
+        weight[:, prepared.dead] = 0
+        pruned, loss, _scale, _zero = ops.sparsegpt_prune(
+            weight, prepared.hinv_upper, pattern.sparsity, pattern.n, pattern.m, self.blocksize,
+            self.wbits, self.groupsize,
+        )
+        return LinearResult(pruned, loss=float(loss.sum()), damp=prepared.damp)

@@ -1,0 +1,53 @@
+"""Calibration statistics, accumulated batch by batch from forward hooks without keeping the activations."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"{where}: calibration activations contain NaN or Inf (the layers before it overflowed); "
+            "load the model in float32 or bfloat16 (--dtype), or check the calibration data"
+        )
+
+
+class HessianStats:
+    """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), in fp32."""
+
+    kind = "hessian"
+
+    def __init__(self, columns: int, device: torch.device, where: str):
+        self.where = where
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        _check_finite(x, self.where)
+        rows = x.numel() // x.shape[-1]
+        ops.hessian_update(self.hessian, x, self.count)
+        self.count += rows
+
+
+class NormStats:
+    """Per-input-channel mean of squares over the rows seen (Wanda); ``norm`` is its square root."""
+
+    kind = "sumsq"
+
+    def __init__(self, columns: int, device: torch.device, where: str):
+        self.where = where
+        self.sumsq = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        _check_finite(x, self.where)
+        rows = x.numel() // x.shape[-1]
+        ops.sumsq_update(self.sumsq, x, self.count)
+        self.count += rows
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt()

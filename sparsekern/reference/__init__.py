@@ -1,0 +1,24 @@
+"""Pure-PyTorch versions of every op: the test oracle and the CPU fallback. Masks are True where pruned."""
+
+from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
+from .masks import nm_mask, prune_count, row_mask, tensor_mask
+from .quant import minmax_params, quantize
+from .sparsegpt import sparsegpt_prune, sparsegpt_sweep
+from .wanda import magnitude_prune, wanda_prune
+
+__all__ = [
+    "NotPositiveDefiniteError",
+    "hessian_update",
+    "hinv_cholesky",
+    "magnitude_prune",
+    "minmax_params",
+    "nm_mask",
+    "prune_count",
+    "quantize",
+    "row_mask",
+    "sparsegpt_prune",
+    "sparsegpt_sweep",
+    "sumsq_update",
+    "tensor_mask",
+    "wanda_prune",
+]

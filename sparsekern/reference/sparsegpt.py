@@ -1,0 +1,149 @@
+"""Reference SparseGPT (Frantar & Alistarh, 2023): blocked OBS column sweep with lazy batch updates.
+
+Given W [rows, cols] and U, the upper Cholesky factor of the damped inverse Hessian (U^T U = H^-1), columns
+are visited left to right in blocks of ``blocksize``. For column i with d = U[i, i]:
+    q        = the kept part of w = W[:, i] (0 where pruned), rounded to the grid when quantizing
+    err      = (w - q) / d
+    loss    += (w - q)^2 / d^2 / 2
+    W[:, i:] -= err * U[i, i:]                 inside the block, column by column
+    W[:, i2:] -= Err @ U[i1:i2, i2:]           right of the block, once per block (the lazy batch update)
+Masks: unstructured, the k = round(sparsity * rows * B) smallest scores w^2 / d^2 of each block, chosen when the
+block starts (adaptive mask selection); N:M, the n smallest scores of every m columns, chosen when the sweep
+reaches the group. Quantization: asymmetric min-max grid per row (per ``groupsize`` columns when set), applied
+to kept weights inside the sweep so their rounding error is compensated too; pruned weights stay exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import nm_mask, prune_count, tensor_mask
+from .quant import minmax_params, quantize
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 when the caller works in fp64 (the exactness tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sparsegpt_sweep(
+    block: torch.Tensor,
+    hinv_block: torch.Tensor,
+    prune_mask: torch.Tensor | None,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    bits: int = 0,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+    groupsize: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sweep one block of columns.
+
+    block: [rows, B] weights of the block, lazy updates already applied (not modified).
+    hinv_block: [B, B] the block's diagonal tile of U.
+    prune_mask: [rows, B] bool, the block's unstructured mask (True = prune); None when prune_n > 0 (N:M masks
+        are chosen here every prune_m columns).
+    bits: 0 = no quantization. scale, zero: [rows, G] grids. groupsize = 0: one given grid (G = 1) for the
+        whole block. Otherwise G = ceil(B / groupsize) and group g's grid is computed here from the updated
+        weights when the sweep reaches column g * groupsize, and written into scale/zero in place.
+    Returns (q, err, loss, mask): the final block [rows, B], the scaled errors [rows, B] for the lazy update,
+    the per-row loss [rows], and the mask used [rows, B].
+    """
+    w_block = block.clone()
+    rows, width = w_block.shape
+    q_block = torch.zeros_like(w_block)
+    err_block = torch.zeros_like(w_block)
+    loss = torch.zeros(rows, dtype=w_block.dtype, device=w_block.device)
+    diag = torch.diagonal(hinv_block)
+    mask = torch.zeros_like(w_block, dtype=torch.bool) if prune_mask is None else prune_mask
+    per_group = bits > 0 and groupsize > 0
+    for i in range(width):
+        if prune_n and i % prune_m == 0:
+            scores = w_block[:, i : i + prune_m] ** 2 / diag[i : i + prune_m] ** 2
+            mask[:, i : i + prune_m] = nm_mask(scores, prune_n, prune_m)
+        w = w_block[:, i]
+        q = torch.where(mask[:, i], torch.zeros_like(w), w)
+        if bits:
+            g = i // groupsize if per_group else 0
+            if per_group and i % groupsize == 0:
+                scale[:, g], zero[:, g] = minmax_params(w_block[:, i : i + groupsize], bits)
+            q = torch.where(mask[:, i], q, quantize(q, scale[:, g], zero[:, g], bits))
+        d = hinv_block[i, i]
+        q_block[:, i] = q
+        loss += (w - q) ** 2 / d**2 / 2
+        err = (w - q) / d
+        w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+        err_block[:, i] = err
+    return q_block, err_block, loss, mask
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hinv_upper: torch.Tensor,
+    sparsity: float,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    bits: int = 0,
+    groupsize: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prune (and optionally quantize) a whole layer. See the module docstring for the math.
+
+    weight: [rows, cols] any float dtype (dead input columns already zeroed by the caller).
+    hinv_upper: [cols, cols] U from :func:`~sparsekern.reference.hessian.hinv_cholesky`.
+    sparsity: fraction of zeros for unstructured masks (ignored when prune_n > 0).
+    groupsize: 0 = one grid per row; else must divide ``blocksize`` or be a multiple of it.
+    Returns (pruned weight [rows, cols] in the compute dtype, loss [rows], scale [rows, G], zero [rows, G]),
+    G = number of quantization groups (1 per row without groups; 0 columns when bits == 0).
+    """
+    dtype = compute_dtype(weight.dtype)
+    w_all = weight.to(dtype, copy=True)
+    hinv = hinv_upper.to(dtype)
+    rows, cols = w_all.shape
+    if prune_n:
+        if blocksize % prune_m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={prune_m}")
+    if bits and groupsize and blocksize % groupsize and groupsize % blocksize:
+        raise ValueError(f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it")
+    ngroups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))
+    scales = torch.zeros(rows, ngroups, dtype=dtype, device=w_all.device)
+    zeros = torch.zeros_like(scales)
+    if bits and not groupsize:
+        scales[:, 0], zeros[:, 0] = minmax_params(w_all, bits)
+    losses = torch.zeros(rows, dtype=dtype, device=w_all.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        block = w_all[:, i1:i2]
+        hinv_block = hinv[i1:i2, i1:i2]
+        prune_mask = None
+        if not prune_n:
+            scores = block**2 / torch.diagonal(hinv_block) ** 2
+            prune_mask = tensor_mask(scores, prune_count(scores.numel(), sparsity))
+        if not bits:
+            scale = zero = None
+            block_groupsize = 0
+        elif not groupsize:
+            scale, zero = scales[:, :1], zeros[:, :1]
+            block_groupsize = 0
+        elif groupsize >= blocksize:
+            # The group starts at a block start (groupsize is a multiple of blocksize), where every column to
+            # its right is up to date; later blocks of the same group reuse its grid.
+            g = i1 // groupsize
+            if i1 % groupsize == 0:
+                scales[:, g], zeros[:, g] = minmax_params(w_all[:, i1 : i1 + groupsize], bits)
+            scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
+            block_groupsize = 0
+        else:
+            g0 = i1 // groupsize
+            g1 = -(-i2 // groupsize)
+            scale, zero = scales[:, g0:g1].clone(), zeros[:, g0:g1].clone()
+            block_groupsize = groupsize
+        q, err, loss, _ = sparsegpt_sweep(
+            block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, block_groupsize
+        )
+        if block_groupsize:
+            scales[:, g0:g1], zeros[:, g0:g1] = scale, zero
+        w_all[:, i1:i2] = q
+        losses += loss
+        w_all[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return w_all, losses, scales, zeros
