@@ -58,7 +58,7 @@ def hinv_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int 
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, damp
+                return upper.contiguous(), damp  # cholesky(upper=True) is column-major
         damp = damp * 10
     raise NotPositiveDefiniteError(
         f"not positive definite after {max(1, max_tries)} tries (last damping {float(damp) / 10:.3g})"
