@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -103,16 +104,25 @@ def _first_output(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+_NO_FORWARD = object()  # "the layer had no instance-level forward" (None could be a real value)
+
+
 @contextlib.contextmanager
 def _swapped_forwards(layers: nn.ModuleList, make_forward: Callable[[int], Callable]) -> Iterator[None]:
     """Temporarily replace each layer's forward (attributes such as ``attention_type`` stay readable)."""
+    # A forward already set on the instance (accelerate's hooks wrap ``module.forward`` this way, e.g. for
+    # device_map models) is put back afterwards rather than deleted, which would silently remove the hook.
+    saved = [layer.__dict__.get("forward", _NO_FORWARD) for layer in layers]
     try:
         for index, layer in enumerate(layers):
             layer.forward = make_forward(index)
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(layers, saved):
+            if forward is _NO_FORWARD:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 @contextlib.contextmanager
@@ -188,10 +198,11 @@ def capture_layer_inputs(
 
         return record
 
+    model_kwargs = _no_cache_kwargs(model)
     # Learn the layers' output structure (a tensor, or a tuple led by the hidden states) from one real call.
     with _swapped_forwards(layers[:1], lambda _: _recording_stop(first_inputs, calls[0])):
         with contextlib.suppress(_StopForward):
-            model(batches[0].to(device), use_cache=False)
+            model(batches[0].to(device), **model_kwargs)
     with _on_device(layers[0], device):
         probe = calls[0][0](layers[0], first_inputs[0])
     first_output_is_tensor.append(isinstance(probe, torch.Tensor))
@@ -200,8 +211,20 @@ def capture_layer_inputs(
     with _swapped_forwards(layers, make_forward):
         for batch in batches:
             with contextlib.suppress(_StopForward):
-                model(batch.to(device), use_cache=False)
+                model(batch.to(device), **model_kwargs)
     return first_inputs, calls
+
+
+def _no_cache_kwargs(model: nn.Module) -> dict:
+    """``use_cache=False`` for forwards that take it (HF models: no KV cache is wanted while capturing); a
+    plain nn.Module LM whose forward takes only the ids gets nothing extra rather than a TypeError."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {"use_cache": False}
+    if any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {"use_cache": False}
+    return {}
 
 
 def _recording_stop(first_inputs: list, calls: list) -> Callable:
@@ -271,6 +294,11 @@ def _plan(
             if chosen is None:
                 continue
             chosen.check_columns(weight_matrix(linear).shape[1], full_name)
+            # Checked here, before any layer is calibrated or modified, not only when the linear is pruned:
+            # a NaN weight poisons the layer's activations, so the first error would otherwise come from the
+            # statistics of a linear downstream of it (blaming its inputs and the dtype, not the damaged
+            # weight), and layers before it would already have been pruned in place.
+            _check_weight(weight_matrix(linear), full_name)
             targets[name] = (linear, chosen)
         plan.append(targets)
     if not any(plan):
@@ -278,12 +306,15 @@ def _plan(
     return plan
 
 
+def _check_weight(view: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(view).all():
+        raise FloatingPointError(f"{where}: the weight contains NaN or Inf; the checkpoint is damaged")
+
+
 def _prune_linear(method: Method, linear: nn.Module, prepared: Any, pattern: SparsityPattern,
                   where: str) -> LinearReport:
     start = time.perf_counter()
-    view = weight_matrix(linear)
-    if not torch.isfinite(view).all():
-        raise FloatingPointError(f"{where}: the weight contains NaN or Inf; the checkpoint is damaged")
+    view = weight_matrix(linear)  # finite: checked by _plan before any work
     weight = view.detach().to(torch.float32, copy=True)
     result = method.prune_linear(weight, prepared, pattern, where)
     view.data.copy_(result.weight.to(view.dtype))
@@ -346,7 +377,9 @@ def prune_layers(
                         f"{where}.{name} was never called on the calibration data, so it has no statistics; "
                         f"exclude it with an override such as '{where}.{name}=dense'"
                     )
-                stages = groups if true_sequential else [[name for group in groups for name in group]]
+                # A layer with no linear to prune (all overridden to dense) only computes its outputs; an empty
+                # stage would leave _collect nothing to hook.
+                stages = groups if true_sequential or not groups else [[n for group in groups for n in group]]
                 for stage in stages:
                     stage_groups = [[n for n in group if n in stage] for group in groups]
                     stage_groups = [group for group in stage_groups if group]
