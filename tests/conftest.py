@@ -1,0 +1,83 @@
+"""Shared test set-up. The environment comes first: Triton decides interpreter vs compiled when a kernel
+is decorated, so the backend variables must be set before any sparsekern module is imported."""
+
+import os
+
+os.environ.setdefault("SPARSEKERN_BACKEND", "interpret")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never touch the network: hub lookups must fail fast instead of hanging or downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)  # CI machines have 2 cores; more threads only oversubscribe
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Local folder of the converted SmolLM2-135M (converted on first use, ~25 s; `make setup` does it)."""
+    from sparsekern.models import ModelPackageMissing, resolve_model
+
+    try:
+        return resolve_model("smollm2-135m")
+    except ModelPackageMissing as exc:
+        pytest.skip(f"SmolLM2 weights unavailable: {exc}")
+    except ImportError as exc:  # e.g. the gguf package is missing, so the GGUF cannot be converted
+        pytest.skip(f"SmolLM2 cannot be converted here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def lee_available():
+    """Path of the cached Lee corpus; skips the test when it was never fetched (`make setup` fetches it)."""
+    from sparsekern.data import lee_path
+
+    path = lee_path()
+    if not path.is_file():
+        pytest.skip(f"Lee corpus not fetched ({path}); run `python -m sparsekern.data fetch lee`")
+    return path
+
+
+def _make_char_tokenizer(model_max_length: int = 64):
+    """A Hugging Face fast tokenizer built offline: one token per ASCII character (id = code point),
+    anything else -> [UNK] (id 128). model_max_length is small on purpose, to exercise long inputs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(128)}
+    vocab["[UNK]"] = 128
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", model_max_length=model_max_length)
+
+
+def _make_tiny_llama(vocab_size: int = 129, seed: int = 0):
+    """A 2-layer random Llama small enough to run in milliseconds, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def char_tokenizer():
+    return _make_char_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return _make_tiny_llama()

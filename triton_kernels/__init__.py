@@ -1,0 +1,13 @@
+"""Raw ``@triton.jit`` kernels and their launchers, installed as ``sparsekern.triton_kernels``.
+
+One module per op, named after it (``sparsegpt_sweep.py`` holds ``_sparsegpt_sweep_kernel`` and
+the launcher ``sparsegpt_sweep``). No autograd, no ``nn``, no Hugging Face here: ``sparsekern.ops``
+wraps these launchers as ``torch.library`` custom ops.
+
+Import this package as ``sparsekern.triton_kernels``, never as a top-level ``triton_kernels``
+(Triton's project ships a different package under that name).
+
+Currently none: the kernels arrive with their ops. Keep this file free of ``@triton.jit`` code: the
+interpreter choice (``TRITON_INTERPRET``) is made when a kernel is decorated, so kernel modules must
+only be imported once the backend is chosen.
+"""
