@@ -1,0 +1,193 @@
+"""``sparsekern prune|eval|generate``: prune a Hugging Face causal LM, measure it, sample from it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .reference import NotPositiveDefiniteError
+
+# Errors a user causes (bad arguments, missing files, unusable data): one clear line, no traceback.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError,
+               NotPositiveDefiniteError)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="dtype to load the model in (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto",
+                        help="where to compute: cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model one layer at a time and save a Hugging Face checkpoint")
+    prune.add_argument("model", help="a local Hugging Face folder, or an alias such as smollm2-135m")
+    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--sparsity", default="0.5", help="a ratio such as 0.5, or N:M such as 2:4 (default 0.5)")
+    prune.add_argument("--calib", default="lee",
+                       help="calibration text: lee (built in), wikitext2, c4, ptb, or a .txt/.jsonl path")
+    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    prune.add_argument("--wbits", type=int, default=None, help="SparseGPT: also quantize kept weights to B bits")
+    prune.add_argument("--groupsize", type=int, default=None, help="SparseGPT: quantization group size")
+    prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per sweep block (128)")
+    prune.add_argument("--percdamp", type=float, default=None,
+                       help="SparseGPT: Hessian damping as a fraction of its mean diagonal (0.01)")
+    prune.add_argument("--true-sequential", action="store_true",
+                       help="prune each layer's input groups in order, re-collecting statistics in between")
+    prune.add_argument("--override", action="append", default=[], metavar="GLOB=PATTERN",
+                       help="per-layer pattern, e.g. '*.down_proj=0.6' or '*.layers.0.*=dense' (repeatable)")
+    prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    prune.add_argument("--out", required=True, help="folder for the pruned checkpoint (written atomically)")
+    prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_model_args(prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text")
+    evaluate.add_argument("model", help="a pruned checkpoint folder, any Hugging Face folder, or an alias")
+    evaluate.add_argument("--data", default="lee", help="lee (its held-out split), wikitext2, c4, ptb, or a path")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _add_model_args(evaluate)
+
+    generate = sub.add_parser("generate", help="sample text from a (pruned) model")
+    generate.add_argument("model", help="a pruned checkpoint folder, any Hugging Face folder, or an alias")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    _add_model_args(generate)
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+def _parse_overrides(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        glob, sep, pattern = item.partition("=")
+        if not sep or not glob or not pattern:
+            raise ValueError(f"--override {item!r}: write GLOB=PATTERN, e.g. '*.down_proj=0.6' or '*.layers.0.*=dense'")
+        overrides[glob] = pattern
+    return overrides
+
+
+def cmd_prune(args) -> dict:
+    from .api import prune
+    from .models import check_destination, load_model, save_checkpoint
+
+    out = Path(args.out)
+    check_destination(out, args.overwrite)  # fail before hours of work, not after
+    overrides = _parse_overrides(args.override)
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)  # stays on the CPU: layers visit the device
+    report = prune(
+        model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, wbits=args.wbits, groupsize=args.groupsize, blocksize=args.blocksize,
+        percdamp=args.percdamp, device=device, true_sequential=args.true_sequential, overrides=overrides,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    record = {"model": str(args.model), **report.to_dict()}
+    save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite)
+    result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
+              "time_s": report.time_s, "out": str(out), "linears": len(report.linears)}
+    if not args.json:
+        _print_prune_table(report)
+        print(f"\n{report.method} {report.pattern}: {report.sparsity:.2%} zeros over {len(report.linears)} linears "
+              f"in {report.time_s:.1f} s -> {out}")
+    return result
+
+
+def _print_prune_table(report) -> None:
+    """One row per decoder layer: its linears' achieved sparsity and the method's loss."""
+    rows: dict[str, list] = {}
+    for linear in report.linears:
+        parts = linear.name.split(".")  # e.g. model.layers.3.self_attn.q_proj -> model.layers.3
+        layer = ".".join(next((parts[: i + 1] for i, p in enumerate(parts) if p.isdigit()), parts[:1]))
+        rows.setdefault(layer, []).append(linear)
+    print(f"{'layer':<28}{'linears':>8}{'sparsity':>10}{'loss':>12}{'time s':>9}")
+    for layer, linears in rows.items():
+        numel = sum(l.shape[0] * l.shape[1] for l in linears)
+        sparsity = sum(l.sparsity * l.shape[0] * l.shape[1] for l in linears) / numel
+        losses = [l.loss for l in linears if l.loss is not None]
+        loss = f"{sum(losses):.4g}" if losses else "-"
+        print(f"{layer:<28}{len(linears):>8}{sparsity:>10.2%}{loss:>12}{sum(l.time_s for l in linears):>9.2f}")
+
+
+def cmd_eval(args) -> dict:
+    from .data import eval_tokens
+    from .eval import perplexity
+    from .models import load_model
+
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    ids = eval_tokens(tokenizer, args.data, args.split)
+    start = time.perf_counter()
+    result = perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
+                        progress=not args.quiet)
+    result = {"model": str(args.model), "data": args.data, "split": args.split, "seqlen": args.seqlen, **result,
+              "time_s": time.perf_counter() - start}
+    if not args.json:
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of "
+              f"{args.data}/{args.split} (seqlen {args.seqlen})")
+    return result
+
+
+def cmd_generate(args) -> dict:
+    from .models import load_model
+
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} \
+        if args.temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    text = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    if not args.json:
+        print(args.prompt + text)
+    return {"prompt": args.prompt, "completion": text}
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("sparsekern: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

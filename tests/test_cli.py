@@ -1,0 +1,99 @@
+"""The command line on a tiny random model: outputs, summary, and clear errors that leave nothing behind."""
+
+import json
+
+import pytest
+
+from sparsekern import cli
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_llama, char_tokenizer):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return path
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("method, sparsity", [("sparsegpt", "0.5"), ("wanda", "2:4"), ("magnitude", "4:8")])
+def test_prune_json_and_checkpoint(capsys, tmp_path, tiny_folder, text_file, method, sparsity):
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "prune", tiny_folder, "--method", method, "--sparsity", sparsity, "--calib",
+                          text_file, "--nsamples", 4, "--seqlen", 32, "--out", out, "--json", "--quiet")
+    assert code == 0
+    result = json.loads(stdout)
+    assert {"method", "pattern", "sparsity", "time_s", "out"} <= result.keys()
+    assert result["method"] == method and result["pattern"] == sparsity
+    assert result["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["method"] == method and len(record["layers"]) == 2 * 7
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_prune_table_and_override(capsys, tmp_path, tiny_folder, text_file):
+    code, stdout, _ = run(capsys, "prune", tiny_folder, "--method", "wanda", "--calib", text_file, "--nsamples", 2,
+                          "--seqlen", 16, "--override", "*.layers.1.*=dense", "--out", tmp_path / "o", "--quiet")
+    assert code == 0
+    assert "model.layers.0" in stdout and "model.layers.1 " not in stdout
+    assert "wanda 0.5" in stdout
+
+
+def test_eval_and_generate(capsys, tiny_folder, text_file):
+    code, stdout, _ = run(capsys, "eval", tiny_folder, "--data", text_file, "--seqlen", 32, "--json", "--quiet")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["perplexity"] > 1 and result["tokens"] == result["windows"] * 31
+    code, stdout, _ = run(capsys, "generate", tiny_folder, "--prompt", "abc", "--max-new-tokens", 5,
+                          "--temperature", 0, "--json")
+    assert code == 0
+    assert json.loads(stdout)["prompt"] == "abc"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--sparsity", "1.5"], "outside [0, 1)"),
+    (["--sparsity", "4:4"], "0 < N < M"),
+    (["--sparsity", "3:7"], "not divisible by M=7"),
+    (["--method", "wanda", "--wbits", "4"], "SparseGPT options"),
+    (["--override", "nonsense"], "GLOB=PATTERN"),
+    (["--calib", "nosuchcorpus"], "nosuchcorpus"),
+])
+def test_bad_arguments_fail_clearly_and_write_nothing(capsys, tmp_path, tiny_folder, extra, words):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "prune", tiny_folder, "--nsamples", 2, "--seqlen", 16, "--out", out,
+                               "--quiet", *extra)
+    assert code == 2
+    assert words in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary folder left behind
+
+
+def test_existing_out_is_refused_before_any_work(capsys, tmp_path, tiny_folder, text_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    code, _, stderr = run(capsys, "prune", tiny_folder, "--calib", text_file, "--nsamples", 2, "--seqlen", 16,
+                          "--out", out, "--quiet")
+    assert code == 2 and "--overwrite" in stderr
+    assert (out / "config.json").read_text() == "{}"
+    code, _, _ = run(capsys, "prune", tiny_folder, "--calib", text_file, "--nsamples", 2, "--seqlen", 16,
+                     "--out", out, "--quiet", "--overwrite")
+    assert code == 0 and (out / "sparsity.json").is_file()
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, stderr = run(capsys, "eval", tmp_path / "missing-model", "--quiet")
+    assert code == 2 and "missing-model" in stderr

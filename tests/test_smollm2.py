@@ -1,0 +1,76 @@
+"""The real SmolLM2-135M (30 Llama layers), pruned on Lee news text: the methods must rank as published, and a
+saved checkpoint must reload with plain transformers and give the same perplexity."""
+
+import json
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern import cli
+from sparsekern.data import calibration_windows, eval_tokens
+from sparsekern.eval import perplexity
+from sparsekern.models import load_model
+
+SEQLEN = 256
+EVAL_WINDOWS = 16  # 4096 held-out tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path, lee_available):
+    model, tokenizer = load_model(smollm2_path, dtype="float32")
+    dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    calibration = calibration_windows(tokenizer, "lee", nsamples=16, seqlen=SEQLEN, seed=0)
+    held_out = eval_tokens(tokenizer, "lee", "test")
+    return model, tokenizer, dense, calibration, held_out
+
+
+def held_out_perplexity(model, held_out):
+    return perplexity(model, held_out, seqlen=SEQLEN, max_windows=EVAL_WINDOWS, progress=False)["perplexity"]
+
+
+def test_perplexity_ranks_dense_sparsegpt_wanda_magnitude(smollm2):
+    model, tokenizer, dense, calibration, held_out = smollm2
+    results = {"dense": held_out_perplexity(model, held_out)}
+    for method, pattern in [("sparsegpt", "0.5"), ("wanda", "0.5"), ("magnitude", "0.5"), ("sparsegpt", "2:4"),
+                            ("magnitude", "2:4")]:
+        model.load_state_dict(dense)
+        report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
+                                  progress=False)
+        assert report.sparsity >= 0.5 - 1e-4
+        assert len(report.linears) == 30 * 7
+        results[f"{method} {pattern}"] = held_out_perplexity(model, held_out)
+    model.load_state_dict(dense)
+    print(results)
+    assert results["dense"] < results["sparsegpt 0.5"] <= results["wanda 0.5"] < results["magnitude 0.5"], results
+    assert results["sparsegpt 2:4"] < results["magnitude 2:4"], results
+
+
+def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, dense, calibration, held_out = smollm2
+    out = tmp_path / "pruned"
+    code = cli.main(["prune", str(smollm2_path), "--method", "sparsegpt", "--sparsity", "2:4", "--nsamples", "4",
+                     "--seqlen", "64", "--out", str(out), "--json", "--quiet", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "sparsegpt" and summary["pattern"] == "2:4" and summary["out"] == str(out)
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-6) and summary["time_s"] > 0
+
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["calibration"] == {"source": "lee", "nsamples": 4, "seqlen": 64, "seed": 0}
+    assert record["sparsekern_version"] == sparsekern.__version__
+    assert len(record["layers"]) == 30 * 7 and all(layer["sparsity"] >= 0.5 for layer in record["layers"])
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    weight = reloaded.model.layers[5].mlp.down_proj.weight
+    assert ((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) >= 2).all()
+    in_process = held_out_perplexity(reloaded, held_out)
+    code = cli.main(["eval", str(out), "--seqlen", str(SEQLEN), "--max-windows", str(EVAL_WINDOWS), "--json",
+                     "--quiet", "--device", "cpu"])
+    assert code == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["perplexity"] == pytest.approx(in_process, rel=1e-5)
+    assert evaluated["tokens"] == EVAL_WINDOWS * (SEQLEN - 1)
+    assert in_process > held_out_perplexity(model, held_out)  # pruning 2:4 costs some perplexity
