@@ -3,6 +3,10 @@ with fused GPU kernels for the pruning inner loops."""
 
 __version__ = "0.1.0"
 
+from . import _source_tree  # noqa: E402
+
+_source_tree.install_if_needed()
+
 from .api import PruneReport, prune  # noqa: E402
 from .backend import get_backend, set_backend  # noqa: E402
 from .patterns import SparsityPattern  # noqa: E402

@@ -43,6 +43,18 @@ def test_installed_package_maps_kernels_and_no_top_level_triton_kernels():
         assert not top_level_origin.resolve().is_relative_to(REPO)
 
 
+def test_uninstalled_source_tree_maps_kernels():
+    """From the repo root with no install at all (the editable finder removed), the same import works."""
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        f"sys.path.insert(0, {str(REPO)!r}); "
+        "import sparsekern.triton_kernels as k; print(k.__file__)"
+    )
+    result = _run_outside_repo(code)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == REPO / "triton_kernels"
+
+
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
     """Build a wheel from a copy of the packaging inputs (the tree stays clean) and check its layout."""
