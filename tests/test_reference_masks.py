@@ -68,3 +68,13 @@ def test_quantize_round_trip_on_grid():
     assert torch.equal(reference.quantize(q, scale, zero, 4), q)
     assert ((q - weight).abs() <= scale.unsqueeze(1) / 2 + 1e-6).all()
     assert torch.equal(reference.quantize(torch.zeros(4, 3), scale, zero, 4), torch.zeros(4, 3))
+
+
+def test_selection_is_exact_under_ties():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    mask = reference.row_mask(scores, 3)
+    assert mask.sum(1).tolist() == [3, 3]
+    assert mask[0, 4] and not mask[0, 5]
+    whole = reference.tensor_mask(torch.ones(5, 7), 11)
+    assert whole.sum() == 11
+    assert reference.row_mask(scores, 6).all() and not reference.row_mask(scores, 0).any()

@@ -24,16 +24,23 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mark the ``k`` lowest scores of every row."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
-    return mask
+    """Mark exactly the ``k`` lowest scores of every row (ties broken by position).
+
+    A selection, not a sort: the k-th smallest value of each row is the threshold, everything below it is
+    marked, and as many entries equal to it as are still missing.
+    """
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < threshold
+    ties = scores == threshold
+    missing = k - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= missing))
 
 
 def tensor_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mark the ``k`` lowest scores of the whole tensor (a selection, not a full sort)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
-    return mask.reshape(scores.shape)
+    """Mark exactly the ``k`` lowest scores of the whole tensor."""
+    return row_mask(scores.reshape(1, -1), k).reshape(scores.shape)

@@ -50,31 +50,41 @@ def sparsegpt_sweep(
     the per-row loss [rows], and the mask used [rows, B].
     """
     w_block = block.clone()
-    rows, width = w_block.shape
-    q_block = torch.zeros_like(w_block)
-    err_block = torch.zeros_like(w_block)
-    loss = torch.zeros(rows, dtype=w_block.dtype, device=w_block.device)
+    q_block = torch.empty_like(w_block)
+    err_block = torch.empty_like(w_block)
     diag = torch.diagonal(hinv_block)
     mask = torch.zeros_like(w_block, dtype=torch.bool) if prune_mask is None else prune_mask
     per_group = bits > 0 and groupsize > 0
-    for i in range(width):
+    for i in range(w_block.shape[1]):
         if prune_n and i % prune_m == 0:
             scores = w_block[:, i : i + prune_m] ** 2 / diag[i : i + prune_m] ** 2
             mask[:, i : i + prune_m] = nm_mask(scores, prune_n, prune_m)
         w = w_block[:, i]
-        q = torch.where(mask[:, i], torch.zeros_like(w), w)
+        q = w.masked_fill(mask[:, i], 0)
         if bits:
             g = i // groupsize if per_group else 0
             if per_group and i % groupsize == 0:
                 scale[:, g], zero[:, g] = minmax_params(w_block[:, i : i + groupsize], bits)
-            q = torch.where(mask[:, i], q, quantize(q, scale[:, g], zero[:, g], bits))
-        d = hinv_block[i, i]
+            q = quantize(q, scale[:, g], zero[:, g], bits).masked_fill_(mask[:, i], 0)
         q_block[:, i] = q
-        loss += (w - q) ** 2 / d**2 / 2
-        err = (w - q) / d
-        w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+        err = (w - q) / diag[i]
         err_block[:, i] = err
+        w_block[:, i:].addr_(err, hinv_block[i, i:], alpha=-1)
+    loss = (err_block**2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2 per column, summed
     return q_block, err_block, loss, mask
+
+
+# Columns swept with rank-1 updates before one lazy GEMM brings the rest of the layer up to date. The lazy update
+# is exact, so this only trades many memory-bound rank-1 updates for small GEMMs; masks are still chosen per
+# ``blocksize`` columns as published. 16 keeps the per-column updates in cache on a CPU.
+SWEEP_WIDTH = 16
+
+
+def _sweep_width(blocksize: int, prune_m: int, groupsize: int) -> int:
+    """SWEEP_WIDTH where it tiles blocks, N:M groups and quantization groups; else the whole block."""
+    fits = blocksize % SWEEP_WIDTH == 0 and (not prune_m or SWEEP_WIDTH % prune_m == 0)
+    fits = fits and (not groupsize or SWEEP_WIDTH % groupsize == 0 or groupsize % SWEEP_WIDTH == 0)
+    return SWEEP_WIDTH if fits else blocksize
 
 
 def sparsegpt_prune(
@@ -111,39 +121,42 @@ def sparsegpt_prune(
     if bits and not groupsize:
         scales[:, 0], zeros[:, 0] = minmax_params(w_all, bits)
     losses = torch.zeros(rows, dtype=dtype, device=w_all.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        block = w_all[:, i1:i2]
-        hinv_block = hinv[i1:i2, i1:i2]
-        prune_mask = None
-        if not prune_n:
-            scores = block**2 / torch.diagonal(hinv_block) ** 2
-            prune_mask = tensor_mask(scores, prune_count(scores.numel(), sparsity))
+    width = _sweep_width(blocksize, prune_m, groupsize if bits else 0)
+    diag = torch.diagonal(hinv)
+    block_mask = None
+    for i1 in range(0, cols, width):
+        i2 = min(i1 + width, cols)
+        b1 = i1 - i1 % blocksize  # the mask block this sweep segment belongs to
+        if not prune_n and i1 == b1:
+            # Adaptive mask: chosen when a block starts, from weights with every earlier update applied.
+            b2 = min(b1 + blocksize, cols)
+            scores = w_all[:, b1:b2] ** 2 / diag[b1:b2] ** 2
+            block_mask = tensor_mask(scores, prune_count(scores.numel(), sparsity))
+        prune_mask = None if prune_n else block_mask[:, i1 - b1 : i2 - b1]
         if not bits:
             scale = zero = None
-            block_groupsize = 0
+            segment_groupsize = 0
         elif not groupsize:
             scale, zero = scales[:, :1], zeros[:, :1]
-            block_groupsize = 0
-        elif groupsize >= blocksize:
-            # The group starts at a block start (groupsize is a multiple of blocksize), where every column to
-            # its right is up to date; later blocks of the same group reuse its grid.
+            segment_groupsize = 0
+        elif groupsize >= width:
+            # The group starts at a segment start, where every column to its right is up to date; later
+            # segments of the same group reuse its grid.
             g = i1 // groupsize
             if i1 % groupsize == 0:
                 scales[:, g], zeros[:, g] = minmax_params(w_all[:, i1 : i1 + groupsize], bits)
             scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
-            block_groupsize = 0
+            segment_groupsize = 0
         else:
-            g0 = i1 // groupsize
-            g1 = -(-i2 // groupsize)
+            g0, g1 = i1 // groupsize, -(-i2 // groupsize)
             scale, zero = scales[:, g0:g1].clone(), zeros[:, g0:g1].clone()
-            block_groupsize = groupsize
+            segment_groupsize = groupsize
         q, err, loss, _ = sparsegpt_sweep(
-            block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, block_groupsize
+            w_all[:, i1:i2], hinv[i1:i2, i1:i2], prune_mask, prune_n, prune_m, bits, scale, zero, segment_groupsize
         )
-        if block_groupsize:
+        if segment_groupsize:
             scales[:, g0:g1], zeros[:, g0:g1] = scale, zero
         w_all[:, i1:i2] = q
         losses += loss
-        w_all[:, i2:] -= err @ hinv[i1:i2, i2:]
+        w_all[:, i2:] -= err @ hinv[i1:i2, i2:]  # the lazy batch update
     return w_all, losses, scales, zeros

@@ -1,0 +1,70 @@
+"""Shared benchmark plumbing: timing medians with quantiles, and appending rows to results/*.csv."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> dict:
+    """Median and 20/80% quantiles of ``fn``'s wall time in ms (synchronizing the GPU around each call)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": quantiles[0], "p80_ms": quantiles[-1],
+            "repeat": repeat}
+
+
+def append_rows(name: str, rows: list[dict], device: torch.device) -> Path:
+    """Append ``rows`` to results/<name>.csv with device, commit and date columns; the header comes first."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "commit": commit(), "device": device_name(device), "torch": torch.__version__}
+    rows = [{**stamp, **row} for row in rows]
+    fields = list(rows[0].keys())
+    new = not path.exists() or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            existing = next(csv.reader(f), [])
+        fields = existing + [k for k in fields if k not in existing]
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
