@@ -13,7 +13,7 @@ from sparsekern.eval import perplexity
 from sparsekern.models import load_model
 
 SEQLEN = 256
-EVAL_WINDOWS = 16  # 4096 held-out tokens
+EVAL_WINDOWS = 8  # 2048 held-out tokens
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def smollm2(smollm2_path, lee_available):
     dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     calibration = calibration_windows(tokenizer, "lee", nsamples=16, seqlen=SEQLEN, seed=0)
     held_out = eval_tokens(tokenizer, "lee", "test")
-    return model, tokenizer, dense, calibration, held_out
+    return model, tokenizer, dense, calibration, held_out, held_out_perplexity(model, held_out)
 
 
 def held_out_perplexity(model, held_out):
@@ -30,8 +30,8 @@ def held_out_perplexity(model, held_out):
 
 
 def test_perplexity_ranks_dense_sparsegpt_wanda_magnitude(smollm2):
-    model, tokenizer, dense, calibration, held_out = smollm2
-    results = {"dense": held_out_perplexity(model, held_out)}
+    model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
+    results = {"dense": dense_perplexity}
     for method, pattern in [("sparsegpt", "0.5"), ("wanda", "0.5"), ("magnitude", "0.5"), ("sparsegpt", "2:4"),
                             ("magnitude", "2:4")]:
         model.load_state_dict(dense)
@@ -49,14 +49,15 @@ def test_perplexity_ranks_dense_sparsegpt_wanda_magnitude(smollm2):
 def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer, dense, calibration, held_out = smollm2
+    model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
     out = tmp_path / "pruned"
-    code = cli.main(["prune", str(smollm2_path), "--method", "sparsegpt", "--sparsity", "2:4", "--nsamples", "4",
+    code = cli.main(["prune", str(smollm2_path), "--method", "wanda", "--sparsity", "2:4", "--nsamples", "4",
                      "--seqlen", "64", "--out", str(out), "--json", "--quiet", "--device", "cpu"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["method"] == "sparsegpt" and summary["pattern"] == "2:4" and summary["out"] == str(out)
-    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-6) and summary["time_s"] > 0
+    assert summary["method"] == "wanda" and summary["pattern"] == "2:4" and summary["out"] == str(out)
+    # (a few kept weights of the 4-bit-derived checkpoint are exactly 0 already)
+    assert 0.5 <= summary["sparsity"] < 0.501 and summary["time_s"] > 0
 
     record = json.loads((out / "sparsity.json").read_text())
     assert record["calibration"] == {"source": "lee", "nsamples": 4, "seqlen": 64, "seed": 0}
@@ -73,4 +74,4 @@ def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path,
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["perplexity"] == pytest.approx(in_process, rel=1e-5)
     assert evaluated["tokens"] == EVAL_WINDOWS * (SEQLEN - 1)
-    assert in_process > held_out_perplexity(model, held_out)  # pruning 2:4 costs some perplexity
+    assert in_process > dense_perplexity  # pruning 2:4 costs some perplexity
