@@ -65,6 +65,7 @@ def prune(
     overrides: Mapping[str, PatternSpec | None] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    resume_dir: str | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
 
@@ -75,6 +76,7 @@ def prune(
     device: where layers are pruned (default: CUDA when available, else the model's device); the model itself
         stays where it is, so a model larger than the GPU prunes.
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
+    resume_dir: a folder recording each finished layer; rerunning with the same settings resumes there.
     """
     start = time.perf_counter()
     pattern = SparsityPattern.parse(sparsity)
@@ -86,7 +88,7 @@ def prune(
         calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed)
     linears = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
-        true_sequential=true_sequential, overrides=overrides, progress=progress,
+        true_sequential=true_sequential, overrides=overrides, progress=progress, resume_dir=resume_dir,
     )
     options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
     return PruneReport(algorithm.name, str(pattern), options, calibration_info, linears,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint (written atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prune.add_argument("--restart", action="store_true",
+                       help="discard the progress an interrupted run left in OUT.partial instead of resuming")
     _add_model_args(prune)
 
     evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text")
@@ -98,6 +101,10 @@ def cmd_prune(args) -> dict:
 
     out = Path(args.out)
     check_destination(out, args.overwrite)  # fail before hours of work, not after
+    # Each finished layer is recorded here, so an interrupted run resumes; removed once the checkpoint is saved.
+    partial = out.with_name(out.name + ".partial")
+    if args.restart:
+        shutil.rmtree(partial, ignore_errors=True)
     overrides = _parse_overrides(args.override)
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype)  # stays on the CPU: layers visit the device
@@ -105,10 +112,11 @@ def cmd_prune(args) -> dict:
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, wbits=args.wbits, groupsize=args.groupsize, blocksize=args.blocksize,
         percdamp=args.percdamp, device=device, true_sequential=args.true_sequential, overrides=overrides,
-        batch_size=args.batch_size, progress=not args.quiet,
+        batch_size=args.batch_size, progress=not args.quiet, resume_dir=str(partial),
     )
     record = {"model": str(args.model), **report.to_dict()}
     save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
     result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
               "time_s": report.time_s, "out": str(out), "linears": len(report.linears)}
     if not args.json:
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("sparsekern: interrupted; nothing was written", file=sys.stderr)
+        partial = Path(f"{args.out}.partial") if args.command == "prune" else None
+        hint = f"; finished layers are kept in {partial}, rerun to resume" if partial and partial.exists() else ""
+        print(f"sparsekern {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)

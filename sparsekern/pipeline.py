@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .patterns import PatternSpec, SparsityPattern, resolve_pattern
 from .prune import Method
+from .resume import ResumeState, fingerprint
 
 
 class _StopForward(Exception):
@@ -334,11 +336,14 @@ def prune_layers(
     true_sequential: bool = False,
     overrides: Mapping[str, PatternSpec | None] | None = None,
     progress: bool = True,
+    resume_dir: str | None = None,
 ) -> list[LinearReport]:
     """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns per-linear reports.
 
     calibration: LongTensor [nsamples, seqlen] of token ids (unused by data-free methods).
     device: where each layer is pruned; the model's parameters stay where they are between layers.
+    resume_dir: where each finished layer is recorded (see ``sparsekern.resume``); a run with the same settings
+        continues from the first unfinished layer.
     """
     layers_name, layers = find_decoder_layers(model)
     plan = _plan(layers_name, layers, pattern, overrides)
@@ -359,6 +364,12 @@ def prune_layers(
     if calibration is None or calibration.numel() == 0:
         raise ValueError(f"method {method.name!r} needs calibration data")
     batches = list(calibration.split(batch_size))
+    state, completed = None, 0
+    if resume_dir is not None:
+        settings = {"method": method.name, "options": method.options(), "pattern": str(pattern),
+                    "overrides": dict(overrides or {}), "true_sequential": true_sequential, "batch_size": batch_size}
+        state = ResumeState(resume_dir, fingerprint(model, calibration, settings))
+        completed = state.completed_layers()
     with _calibration_mode(model):
         bar.set_postfix_str("capturing layer inputs")
         restore = _move_outside_layers(model, layers, device)
@@ -366,7 +377,18 @@ def prune_layers(
             hidden, calls = capture_layer_inputs(model, layers, batches, device)
         finally:
             restore()
+        if completed:
+            saved_weights, hidden, saved_reports = state.load(completed, device)
+            for weights, targets in zip(saved_weights, plan):
+                for name, weight in weights.items():
+                    weight_matrix(targets[name][0]).data.copy_(weight)
+            reports = [LinearReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
+            tqdm.write(f"resuming from {resume_dir}: {completed} of {len(layers)} layers already pruned",
+                       file=sys.stderr)
+            bar.update(completed)
         for index, (layer, targets) in enumerate(zip(layers, plan)):
+            if index < completed:
+                continue
             where = f"{layers_name}.{index}"
             with _on_device(layer, device):
                 linears = {name: linear for name, (linear, _) in targets.items()}
@@ -402,6 +424,9 @@ def prune_layers(
                             "or a lower sparsity for this layer"
                         )
                     hidden[b] = out
+            if state is not None:
+                weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
+                state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports])
             bar.update()
     bar.close()
     return reports

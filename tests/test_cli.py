@@ -97,3 +97,26 @@ def test_existing_out_is_refused_before_any_work(capsys, tmp_path, tiny_folder, 
 def test_unknown_model(capsys, tmp_path):
     code, _, stderr = run(capsys, "eval", tmp_path / "missing-model", "--quiet")
     assert code == 2 and "missing-model" in stderr
+
+
+def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, text_file, monkeypatch):
+    from sparsekern.prune.wanda import Wanda
+
+    out = tmp_path / "out"
+    argv = ["prune", tiny_folder, "--method", "wanda", "--calib", text_file, "--nsamples", 2, "--seqlen", 16,
+            "--out", out, "--quiet"]
+    original = Wanda.prune_linear
+
+    def crash_in_layer_1(self, weight, prepared, pattern, where):
+        if where.startswith("model.layers.1."):
+            raise KeyboardInterrupt
+        return original(self, weight, prepared, pattern, where)
+
+    monkeypatch.setattr(Wanda, "prune_linear", crash_in_layer_1)
+    code, _, stderr = run(capsys, *argv)
+    assert code == 130 and not out.exists() and "rerun to resume" in stderr
+    assert (tmp_path / "out.partial" / "progress.json").is_file()
+    monkeypatch.setattr(Wanda, "prune_linear", original)
+    code, _, stderr = run(capsys, *argv)
+    assert code == 0 and "resuming" in stderr and "1 of 2 layers" in stderr
+    assert (out / "sparsity.json").is_file() and not (tmp_path / "out.partial").exists()
