@@ -81,3 +81,22 @@ def char_tokenizer():
 @pytest.fixture
 def tiny_llama():
     return _make_tiny_llama()
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """interrupt_at(MethodClass, "model.layers.1."): pruning any linear under that prefix raises
+    KeyboardInterrupt, as a user's Ctrl-C would. Returns the method's original prune_linear."""
+
+    def install(method_cls, prefix):
+        original = method_cls.prune_linear
+
+        def interrupted(self, weight, prepared, pattern, where):
+            if where.startswith(prefix):
+                raise KeyboardInterrupt
+            return original(self, weight, prepared, pattern, where)
+
+        monkeypatch.setattr(method_cls, "prune_linear", interrupted)
+        return original
+
+    return install

@@ -99,20 +99,14 @@ def test_unknown_model(capsys, tmp_path):
     assert code == 2 and "missing-model" in stderr
 
 
-def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, text_file, monkeypatch):
+def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, text_file, monkeypatch,
+                                                 interrupt_at):
     from sparsekern.prune.wanda import Wanda
 
     out = tmp_path / "out"
     argv = ["prune", tiny_folder, "--method", "wanda", "--calib", text_file, "--nsamples", 2, "--seqlen", 16,
             "--out", out, "--quiet"]
-    original = Wanda.prune_linear
-
-    def crash_in_layer_1(self, weight, prepared, pattern, where):
-        if where.startswith("model.layers.1."):
-            raise KeyboardInterrupt
-        return original(self, weight, prepared, pattern, where)
-
-    monkeypatch.setattr(Wanda, "prune_linear", crash_in_layer_1)
+    original = interrupt_at(Wanda, "model.layers.1.")
     code, _, stderr = run(capsys, *argv)
     assert code == 130 and not out.exists() and "rerun to resume" in stderr
     assert (tmp_path / "out.partial" / "progress.json").is_file()

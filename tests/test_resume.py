@@ -13,24 +13,16 @@ def fresh_model(tiny_llama):
     return model
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, interrupt_at):
     calibration = torch.randint(0, 129, (4, 16), generator=torch.Generator().manual_seed(0))
     options = dict(method="sparsegpt", sparsity="2:4", calib=calibration, progress=False, batch_size=2)
     expected = fresh_model(tiny_llama)
     sparsekern.prune(expected, **options)
 
     crashed = fresh_model(tiny_llama)
-    original = SparseGPT.prune_linear
-
-    def crash_in_layer_1(self, weight, prepared, pattern, where):
-        if where.startswith("model.layers.1."):
-            raise KeyboardInterrupt
-        return original(self, weight, prepared, pattern, where)
-
-    monkeypatch.setattr(SparseGPT, "prune_linear", crash_in_layer_1)
+    original = interrupt_at(SparseGPT, "model.layers.1.")
     with pytest.raises(KeyboardInterrupt):
         sparsekern.prune(crashed, resume_dir=str(tmp_path / "partial"), **options)
-    monkeypatch.setattr(SparseGPT, "prune_linear", original)
     assert (tmp_path / "partial" / "layer00000.pt").is_file()
     assert not (tmp_path / "partial" / "layer00001.pt").exists()
 

@@ -15,38 +15,42 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         )
 
 
-class HessianStats:
+class _RunningStatistic:
+    """Folds each batch of a linear's inputs into a running statistic; ``count`` is the number of rows seen."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        _check_finite(x, self.where)
+        self._update(x)
+        self.count += x.numel() // x.shape[-1]
+
+    def _update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class HessianStats(_RunningStatistic):
     """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), in fp32."""
 
-    kind = "hessian"
-
     def __init__(self, columns: int, device: torch.device, where: str):
-        self.where = where
+        super().__init__(where)
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        _check_finite(x, self.where)
-        rows = x.numel() // x.shape[-1]
+    def _update(self, x: torch.Tensor) -> None:
         ops.hessian_update(self.hessian, x, self.count)
-        self.count += rows
 
 
-class NormStats:
+class NormStats(_RunningStatistic):
     """Per-input-channel mean of squares over the rows seen (Wanda); ``norm`` is its square root."""
 
-    kind = "sumsq"
-
     def __init__(self, columns: int, device: torch.device, where: str):
-        self.where = where
+        super().__init__(where)
         self.sumsq = torch.zeros(columns, dtype=torch.float32, device=device)
-        self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        _check_finite(x, self.where)
-        rows = x.numel() // x.shape[-1]
+    def _update(self, x: torch.Tensor) -> None:
         ops.sumsq_update(self.sumsq, x, self.count)
-        self.count += rows
 
     @property
     def norm(self) -> torch.Tensor:
