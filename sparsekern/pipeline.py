@@ -283,7 +283,7 @@ class LinearReport:
 
 
 def _plan(
-    layers_name: str, layers: nn.ModuleList, pattern: SparsityPattern,
+    layers_name: str, layers: nn.ModuleList, method: Method, pattern: SparsityPattern,
     overrides: Mapping[str, PatternSpec | None] | None,
 ) -> list[dict[str, tuple[nn.Module, SparsityPattern]]]:
     """Per layer: the linears to prune and their patterns. Checks every shape before any work starts."""
@@ -296,6 +296,7 @@ def _plan(
             if chosen is None:
                 continue
             chosen.check_columns(weight_matrix(linear).shape[1], full_name)
+            method.validate(chosen, full_name)
             # Checked here, before any layer is calibrated or modified, not only when the linear is pruned:
             # a NaN weight poisons the layer's activations, so the first error would otherwise come from the
             # statistics of a linear downstream of it (blaming its inputs and the dtype, not the damaged
@@ -346,7 +347,7 @@ def prune_layers(
         continues from the first unfinished layer.
     """
     layers_name, layers = find_decoder_layers(model)
-    plan = _plan(layers_name, layers, pattern, overrides)
+    plan = _plan(layers_name, layers, method, pattern, overrides)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     reports: list[LinearReport] = []
     bar = tqdm(total=len(layers), desc=f"{method.name} {pattern}", unit="layer", disable=not progress)

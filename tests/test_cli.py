@@ -114,3 +114,9 @@ def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, 
     code, _, stderr = run(capsys, *argv)
     assert code == 0 and "resuming" in stderr and "1 of 2 layers" in stderr
     assert (out / "sparsity.json").is_file() and not (tmp_path / "out.partial").exists()
+
+
+def test_blocksize_not_multiple_of_m_is_refused_before_work(capsys, tmp_path, tiny_folder, text_file):
+    code, _, stderr = run(capsys, "prune", tiny_folder, "--sparsity", "4:8", "--blocksize", "12", "--calib",
+                          text_file, "--nsamples", 2, "--seqlen", 16, "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in stderr and "--blocksize 12" in stderr

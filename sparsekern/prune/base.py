@@ -29,6 +29,9 @@ class Method:
         """The method's options, for sparsity.json."""
         return {}
 
+    def validate(self, pattern: SparsityPattern, where: str) -> None:
+        """Raise before any work starts if this method cannot prune ``where`` with ``pattern``."""
+
     def prepare(self, stats: Any, where: str) -> Any:
         """Work shared by every linear that reads the same input (e.g. SparseGPT's inverse-Hessian factor)."""
         return stats

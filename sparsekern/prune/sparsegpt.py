@@ -69,9 +69,11 @@ class SparseGPT(Method):
             )
         return Prepared(upper, dead, damp)
 
-    def prune_linear(self, weight, prepared: Prepared, pattern, where):
+    def validate(self, pattern, where):
         if pattern.is_nm and self.blocksize % pattern.m:
-            raise ValueError(f"{where}: blocksize {self.blocksize} is not a multiple of M={pattern.m}")
+            raise ValueError(f"{where}: --blocksize {self.blocksize} is not a multiple of M={pattern.m} of {pattern}")
+
+    def prune_linear(self, weight, prepared: Prepared, pattern, where):
         weight[:, prepared.dead] = 0
         pruned, loss, _scale, _zero = ops.sparsegpt_prune(
             weight, prepared.hinv_upper, pattern.sparsity, pattern.n, pattern.m, self.blocksize,
