@@ -13,6 +13,13 @@ from .pipeline import LinearReport, prune_layers
 from .prune import make_method
 
 
+def zero_fraction(linears: list[LinearReport]) -> float:
+    """The fraction of zeros over several linears, weighted by their sizes."""
+    total = sum(r.shape[0] * r.shape[1] for r in linears)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in linears)
+    return zeros / total if total else 0.0
+
+
 @dataclasses.dataclass
 class PruneReport:
     """What a pruning run did; ``to_dict()`` is the content of ``sparsity.json``."""
@@ -27,9 +34,7 @@ class PruneReport:
     @property
     def sparsity(self) -> float:
         """Achieved fraction of zeros over all pruned linears."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.linears)
-        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.linears)
-        return zeros / total if total else 0.0
+        return zero_fraction(self.linears)
 
     def to_dict(self) -> dict:
         from . import __version__

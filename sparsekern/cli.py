@@ -127,16 +127,17 @@ def cmd_prune(args) -> dict:
 
 
 def _print_prune_table(report) -> None:
-    """One row per decoder layer: its linears' achieved sparsity and the method's loss."""
+    """One row per decoder layer: its linears' achieved sparsity, the method's loss and time in the method."""
+    from .api import zero_fraction
+
     rows: dict[str, list] = {}
     for linear in report.linears:
         parts = linear.name.split(".")  # e.g. model.layers.3.self_attn.q_proj -> model.layers.3
         layer = ".".join(next((parts[: i + 1] for i, p in enumerate(parts) if p.isdigit()), parts[:1]))
         rows.setdefault(layer, []).append(linear)
-    print(f"{'layer':<28}{'linears':>8}{'sparsity':>10}{'loss':>12}{'time s':>9}")
+    print(f"{'layer':<28}{'linears':>8}{'sparsity':>10}{'loss':>12}{'method s':>9}")
     for layer, linears in rows.items():
-        numel = sum(l.shape[0] * l.shape[1] for l in linears)
-        sparsity = sum(l.sparsity * l.shape[0] * l.shape[1] for l in linears) / numel
+        sparsity = zero_fraction(linears)
         losses = [l.loss for l in linears if l.loss is not None]
         loss = f"{sum(losses):.4g}" if losses else "-"
         print(f"{layer:<28}{len(linears):>8}{sparsity:>10.2%}{loss:>12}{sum(l.time_s for l in linears):>9.2f}")
