@@ -392,45 +392,56 @@ def prune_layers(
                 continue
             where = f"{layers_name}.{index}"
             with _on_device(layer, device):
-                linears = {name: linear for name, (linear, _) in targets.items()}
-                groups = input_groups(layer, linears, lambda: calls[index][0](layer, hidden[0])) if linears else []
-                called = {name for group in groups for name in group}
-                for name in linears.keys() - called:
-                    raise RuntimeError(
-                        f"{where}.{name} was never called on the calibration data, so it has no statistics; "
-                        f"exclude it with an override such as '{where}.{name}=dense'"
-                    )
-                # A layer with no linear to prune (all overridden to dense) only computes its outputs; an empty
-                # stage would leave _collect nothing to hook.
-                stages = groups if true_sequential or not groups else [[n for group in groups for n in group]]
-                for stage in stages:
-                    stage_groups = [[n for n in group if n in stage] for group in groups]
-                    stage_groups = [group for group in stage_groups if group]
-                    stats = _collect(method, layer, linears, stage_groups, hidden, calls[index], device, where)
-                    for group, stat in zip(stage_groups, stats):
-                        bar.set_postfix_str(f"{where}: {', '.join(group)}")
-                        prepared = method.prepare(stat, f"{where}.{group[0]}")
-                        for name in group:
-                            reports.append(
-                                _prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}")
-                            )
-                        del prepared
-                    del stats
+                reports += _prune_layer(method, layer, targets, hidden, calls[index], device, where,
+                                        true_sequential, bar)
                 bar.set_postfix_str(f"{where}: outputs")
-                for b, call in enumerate(calls[index]):
-                    out = _first_output(call(layer, hidden[b]))
-                    if not torch.isfinite(out).all():
-                        raise FloatingPointError(
-                            f"{where}: outputs contain NaN or Inf after pruning; try float32 (--dtype) "
-                            "or a lower sparsity for this layer"
-                        )
-                    hidden[b] = out
+                _advance(layer, hidden, calls[index], where)
             if state is not None:
                 weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
                 state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports])
             bar.update()
     bar.close()
     return reports
+
+
+def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],
+                 hidden: list[torch.Tensor], calls: list[LayerCall], device: torch.device, where: str,
+                 true_sequential: bool, bar: tqdm) -> list[LinearReport]:
+    """Collect statistics for one layer's linears and prune them, group by group."""
+    linears = {name: linear for name, (linear, _) in targets.items()}
+    if not linears:
+        return []
+    groups = input_groups(layer, linears, lambda: calls[0](layer, hidden[0]))
+    called = {name for group in groups for name in group}
+    for name in linears.keys() - called:
+        raise RuntimeError(
+            f"{where}.{name} was never called on the calibration data, so it has no statistics; "
+            f"exclude it with an override such as '{where}.{name}=dense'"
+        )
+    stages = groups if true_sequential else [[name for group in groups for name in group]]
+    reports = []
+    for stage in stages:
+        stage_groups = [[name for name in group if name in stage] for group in groups]
+        stage_groups = [group for group in stage_groups if group]
+        stats = _collect(method, layer, linears, stage_groups, hidden, calls, device, where)
+        for group, stat in zip(stage_groups, stats):
+            bar.set_postfix_str(f"{where}: {', '.join(group)}")
+            prepared = method.prepare(stat, f"{where}.{group[0]}")
+            for name in group:
+                reports.append(_prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}"))
+    return reports
+
+
+def _advance(layer: nn.Module, hidden: list[torch.Tensor], calls: list[LayerCall], where: str) -> None:
+    """Replace each batch's layer input by the (pruned) layer's output: the next layer's input."""
+    for b, call in enumerate(calls):
+        out = _first_output(call(layer, hidden[b]))
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"{where}: outputs contain NaN or Inf after pruning; try float32 (--dtype) "
+                "or a lower sparsity for this layer"
+            )
+        hidden[b] = out
 
 
 def _collect(method: Method, layer: nn.Module, linears: Mapping[str, nn.Module], groups: list[list[str]],
