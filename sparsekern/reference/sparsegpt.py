@@ -5,9 +5,10 @@ are visited left to right in blocks of ``blocksize``. For column i with d = U[i,
     q        = the kept part of w = W[:, i] (0 where pruned), rounded to the grid when quantizing
     err      = (w - q) / d
     loss    += (w - q)^2 / d^2 / 2
-    W[:, i:] -= err * U[i, i:]                 inside the block, column by column
-    W[:, i2:] -= Err @ U[i1:i2, i2:]           right of the block, once per block (the lazy batch update)
-Masks: unstructured, the k = round(sparsity * rows * B) smallest scores w^2 / d^2 of each block, chosen when the
+    W[:, i:] -= err * U[i, i:]                 inside the segment, column by column
+    W[:, i2:] -= Err @ U[i1:i2, i2:]           right of the segment, once per segment (the lazy batch update)
+The segments are SWEEP_WIDTH columns (or whole blocks where that does not tile the patterns); since the lazy
+update is exact, the result is that of the published per-block sweep. Masks: unstructured, the k = round(sparsity * rows * B) smallest scores w^2 / d^2 of each block, chosen when the
 block starts (adaptive mask selection); N:M, the n smallest scores of every m columns, chosen when the sweep
 reaches the group. Quantization: asymmetric min-max grid per row (per ``groupsize`` columns when set), applied
 to kept weights inside the sweep so their rounding error is compensated too; pruned weights stay exactly 0.
