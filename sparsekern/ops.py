@@ -2,8 +2,10 @@
 
 Other libraries call these on their own tensors; the pruning algorithms in ``sparsekern.prune`` call nothing
 else. Each op dispatches by backend (``sparsekern.backend``) to a compiled or interpreted Triton kernel, a native
-op, or the pure-PyTorch reference in ``sparsekern.reference``. Kernels register themselves in ``_KERNELS``;
-an op with no kernel for the active backend runs the reference.
+op, or the pure-PyTorch reference in ``sparsekern.reference``. ``_KERNEL_MODULES`` names the module of
+``sparsekern.triton_kernels`` that holds each op's launcher (same name, same signature as the reference); it is
+imported on first use, so Triton is only loaded once a kernel backend is chosen. An op with no kernel, or a
+tensor the active backend cannot run on, runs the reference.
 
 Conventions: weights are [rows, cols] = [out_features, in_features]; masks are bool, True where pruned; N:M
 arguments are ``prune_n`` zeros in every ``prune_m`` consecutive inputs (``prune_n = 0``: unstructured).
@@ -11,6 +13,7 @@ arguments are ``prune_n`` zeros in every ``prune_m`` consecutive inputs (``prune
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -18,12 +21,24 @@ import torch
 from . import reference
 from .backend import backend_for
 
-# op name -> backend -> implementation with the reference's signature.
-_KERNELS: dict[str, dict[str, Callable]] = {}
+# op name -> module of sparsekern.triton_kernels with a launcher of that name (the reference's signature).
+_KERNEL_MODULES: dict[str, str] = {
+    "nm_mask": "wanda",
+    "wanda_prune": "wanda",
+    "magnitude_prune": "select",
+    "hessian_update": "stats",
+    "sumsq_update": "stats",
+    "sparsegpt_sweep": "sparsegpt_sweep",
+    "sparsegpt_prune": "sparsegpt_sweep",
+}
 
 
 def _implementation(op: str, tensor: torch.Tensor) -> Callable:
-    return _KERNELS.get(op, {}).get(backend_for(tensor), getattr(reference, op))
+    """The launcher that runs ``op`` on ``tensor``'s device under the active backend, else the reference."""
+    if op in _KERNEL_MODULES and backend_for(tensor) in ("cuda", "interpret"):
+        module = importlib.import_module(f"sparsekern.triton_kernels.{_KERNEL_MODULES[op]}")
+        return getattr(module, op)
+    return getattr(reference, op)
 
 
 # -- masks -------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Shared test set-up. The environment comes first: Triton decides interpreter vs compiled when a kernel
-is decorated, so the backend variables must be set before any sparsekern module is imported."""
+is decorated, so the backend variables must be set before any sparsekern module is imported.
+
+Tests of algorithms and the driver run on the ``torch`` reference backend (fast on CPU); kernel tests ask for
+the ``interpret`` fixture, which runs the same Triton kernels that a GPU compiles, on CPU tensors."""
 
 import os
 
-os.environ.setdefault("SPARSEKERN_BACKEND", "interpret")
+os.environ.setdefault("SPARSEKERN_BACKEND", "torch")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never touch the network: hub lookups must fail fast instead of hanging or downloading.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -22,6 +25,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def interpret():
+    """Route the public ops to the Triton kernels, run by the interpreter on CPU tensors."""
+    import sparsekern
+
+    previous = sparsekern.get_backend()
+    sparsekern.set_backend("interpret")
+    yield
+    sparsekern.set_backend(previous)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN / 0x7F bytes, so an element a kernel never writes fails the comparison."""
+    from sparsekern.triton_kernels import _outputs
+
+    monkeypatch.setattr(_outputs, "POISON", True)
 
 
 @pytest.fixture(scope="session")

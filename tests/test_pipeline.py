@@ -40,16 +40,6 @@ BATCH = 2  # two calibration batches, so per-batch bookkeeping is exercised
 SLIDING_WINDOW = 4  # below SEQLEN: sliding-window and full-attention layers see different masks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _reference_ops():
-    """These tests are about the driver, not the kernels (tested under the interpreter in their own files):
-    run the ops' PyTorch reference so ~100 pruning runs stay fast whatever kernels get registered."""
-    previous = sparsekern.get_backend()
-    sparsekern.set_backend("torch")
-    yield
-    sparsekern.set_backend(previous)
-
-
 # -- tiny models -------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ wraps these launchers as ``torch.library`` custom ops.
 Import this package as ``sparsekern.triton_kernels``, never as a top-level ``triton_kernels``
 (Triton's project ships a different package under that name).
 
-Currently none: the kernels arrive with their ops. Keep this file free of ``@triton.jit`` code: the
+Launchers allocate outputs with ``_outputs.new_output`` (NaN-poisoned in tests). Keep this file free of ``@triton.jit`` code: the
 interpreter choice (``TRITON_INTERPRET``) is made when a kernel is decorated, so kernel modules must
 only be imported once the backend is chosen.
 """

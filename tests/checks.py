@@ -1,0 +1,43 @@
+"""Comparison helpers for kernel tests: tolerances per dtype and diffs that name the worst element."""
+
+from __future__ import annotations
+
+import torch
+
+# Inputs in a low-precision dtype are rounded the same way for kernel and reference (both compute in fp32), so
+# differences come from fp32 evaluation order only; the loose half-precision entries cover outputs stored in it.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str, atol: float = None, rtol: float = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """assert_close that first rejects unwritten (NaN) outputs and reports the worst index by name."""
+    default_atol, default_rtol = TOLERANCES[dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    got64, expected64 = got.double(), expected.double()
+    unwritten = torch.isnan(got64) & ~torch.isnan(expected64)
+    assert not unwritten.any(), f"{what}: {int(unwritten.sum())} elements NaN (never written?), first at " \
+                                f"{tuple(unwritten.nonzero()[0].tolist())}"
+    excess = (got64 - expected64).abs() - (atol + rtol * expected64.abs())
+    if (excess > 0).any():
+        index = tuple(torch.unravel_index(excess.argmax(), excess.shape))
+        index = tuple(int(i) for i in index)
+        raise AssertionError(
+            f"{what}: {int((excess > 0).sum())}/{excess.numel()} elements out of tolerance (atol {atol}, rtol "
+            f"{rtol}); worst at {index}: got {got64[index].item():.8g}, expected {expected64[index].item():.8g}"
+        )
+
+
+def assert_mask(got: torch.Tensor, what: str) -> None:
+    """A kernel's bool mask holds only 0/1 bytes (poisoned 0x7F bytes mean elements never written)."""
+    assert got.dtype == torch.bool, f"{what}: dtype {got.dtype}, expected torch.bool"
+    bad = got.view(torch.uint8) > 1
+    assert not bad.any(), f"{what}: {int(bad.sum())} mask bytes never written, first at " \
+                          f"{tuple(bad.nonzero()[0].tolist())}"
