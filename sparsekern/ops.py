@@ -131,6 +131,55 @@ def _(hessian, percdamp, max_tries):
     return torch.empty_like(hessian), hessian.new_empty(())
 
 
+@torch.library.custom_op("sparsekern::sparsegpt_sweep", mutates_args=("scale", "zero"))
+def sparsegpt_sweep(
+    block: torch.Tensor,
+    hinv_block: torch.Tensor,
+    prune_mask: torch.Tensor | None,
+    prune_n: int,
+    prune_m: int,
+    bits: int,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    groupsize: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT's OBS sweep over one block of columns: (q [rows, B] fp32, err [rows, B] fp32, loss [rows] fp32,
+    mask [rows, B] bool).
+
+    block [rows, B] fp32/fp16/bf16 (B <= 256 on the kernel backends), lazy updates already applied; hinv_block
+    [B, B], the block's diagonal tile of U; prune_mask [rows, B] bool, the block's unstructured mask, or None for
+    N:M (chosen every prune_m columns from w^2/d^2) or no pruning. bits = 0: no quantization (scale, zero
+    unused). Otherwise scale, zero [rows, G] fp32: groupsize = 0 takes the given grid (G = 1); groupsize > 0
+    computes group g's grid when the sweep reaches column g * groupsize and writes it there (G = ceil(B /
+    groupsize)). The caller applies ``W[:, right] -= err @ U[block, right]`` afterwards.
+    """
+    rows, width = block.shape
+    if block.dim() != 2 or hinv_block.shape != (width, width):
+        raise ValueError(f"block {tuple(block.shape)} and hinv_block {tuple(hinv_block.shape)} must be [rows, B] "
+                         "and [B, B]")
+    if prune_n:
+        _check_nm(block, prune_n, prune_m, "block")
+    elif prune_mask is not None and prune_mask.shape != block.shape:
+        raise ValueError(f"prune_mask has shape {tuple(prune_mask.shape)}, expected {tuple(block.shape)}")
+    if bits and (scale is None or zero is None):
+        raise ValueError("bits > 0 needs scale and zero tensors [rows, G]")
+    return _implementation("sparsegpt_sweep", block)(
+        block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, groupsize
+    )
+
+
+@sparsegpt_sweep.register_fake
+def _(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, groupsize):
+    rows, width = block.shape
+    dtype = reference.sparsegpt.compute_dtype(block.dtype)
+    return (
+        block.new_empty((rows, width), dtype=dtype),
+        block.new_empty((rows, width), dtype=dtype),
+        block.new_empty((rows,), dtype=dtype),
+        block.new_empty((rows, width), dtype=torch.bool),
+    )
+
+
 @torch.library.custom_op("sparsekern::sparsegpt_prune", mutates_args=())
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -141,22 +190,26 @@ def sparsegpt_prune(
     blocksize: int,
     bits: int,
     groupsize: int,
+    lazy_precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: (pruned weight [rows, cols] fp32, loss [rows], scale [rows, G], zero [rows, G]).
 
     weight [rows, cols] any float dtype; hinv_upper [cols, cols] from ``hinv_cholesky``. bits = 0 disables
-    quantization (G = 0); otherwise G = 1, or ceil(cols / groupsize) with a group size.
+    quantization (G = 0); otherwise G = 1, or ceil(cols / groupsize) with a group size. lazy_precision: the
+    lazy update GEMM's operands, "ieee" (fp32) or "tf32" (tensor cores; emulated by rounding on the reference).
     """
     _check_pattern(weight, sparsity, prune_n, prune_m)
     if hinv_upper.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hinv_upper has shape {tuple(hinv_upper.shape)}, expected {(weight.shape[1],) * 2}")
+    if lazy_precision not in reference.sparsegpt.LAZY_PRECISIONS:
+        raise ValueError(f"lazy_precision {lazy_precision!r} is not one of {reference.sparsegpt.LAZY_PRECISIONS}")
     return _implementation("sparsegpt_prune", weight)(
-        weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize
+        weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize, lazy_precision
     )
 
 
 @sparsegpt_prune.register_fake
-def _(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize):
+def _(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize, lazy_precision="ieee"):
     rows, cols = weight.shape
     dtype = reference.sparsegpt.compute_dtype(weight.dtype)
     groups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))

@@ -88,6 +88,26 @@ def _sweep_width(blocksize: int, prune_m: int, groupsize: int) -> int:
     return SWEEP_WIDTH if fits else blocksize
 
 
+def check_blocking(blocksize: int, prune_m: int, bits: int, groupsize: int) -> None:
+    """The block structure SparseGPT needs: N:M groups and quantization groups tile the mask blocks."""
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if prune_m and blocksize % prune_m:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={prune_m}")
+    if bits and groupsize and blocksize % groupsize and groupsize % blocksize:
+        raise ValueError(f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it")
+
+
+LAZY_PRECISIONS = ("ieee", "tf32")
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to TF32's 10 mantissa bits (to nearest, ties away from zero): what a TF32 tensor-core
+    GEMM sees of its fp32 operands. Lets a CPU run show the effect of a TF32 lazy update on the result."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hinv_upper: torch.Tensor,
@@ -97,6 +117,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     bits: int = 0,
     groupsize: int = 0,
+    lazy_precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune (and optionally quantize) a whole layer. See the module docstring for the math.
 
@@ -104,6 +125,8 @@ def sparsegpt_prune(
     hinv_upper: [cols, cols] U from :func:`~sparsekern.reference.hessian.hinv_cholesky`.
     sparsity: fraction of zeros for unstructured masks (ignored when prune_n > 0).
     groupsize: 0 = one grid per row; else must divide ``blocksize`` or be a multiple of it.
+    lazy_precision: operands of the lazy update GEMM: "ieee" (fp32) or "tf32" (rounded to TF32 first, fp32
+        accumulation, as tensor cores do; fp32 inputs only).
     Returns (pruned weight [rows, cols] in the compute dtype, loss [rows], scale [rows, G], zero [rows, G]),
     G = number of quantization groups (1 per row without groups; 0 columns when bits == 0).
     """
@@ -111,11 +134,8 @@ def sparsegpt_prune(
     w_all = weight.to(dtype, copy=True)
     hinv = hinv_upper.to(dtype)
     rows, cols = w_all.shape
-    if prune_n:
-        if blocksize % prune_m:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={prune_m}")
-    if bits and groupsize and blocksize % groupsize and groupsize % blocksize:
-        raise ValueError(f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it")
+    check_blocking(blocksize, prune_m, bits, groupsize)
+    tf32 = lazy_precision == "tf32" and dtype == torch.float32
     ngroups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))
     scales = torch.zeros(rows, ngroups, dtype=dtype, device=w_all.device)
     zeros = torch.zeros_like(scales)
@@ -159,5 +179,8 @@ def sparsegpt_prune(
             scales[:, g0:g1], zeros[:, g0:g1] = scale, zero
         w_all[:, i1:i2] = q
         losses += loss
-        w_all[:, i2:] -= err @ hinv[i1:i2, i2:]  # the lazy batch update
+        if tf32:
+            w_all[:, i2:] -= round_to_tf32(err) @ round_to_tf32(hinv[i1:i2, i2:])
+        else:
+            w_all[:, i2:] -= err @ hinv[i1:i2, i2:]  # the lazy batch update
     return w_all, losses, scales, zeros
