@@ -65,6 +65,8 @@ def prune(
     groupsize: int | None = None,
     blocksize: int | None = None,
     percdamp: float | None = None,
+    lazy_precision: str | None = None,
+    hessian_dtype: str | None = None,
     device: str | torch.device | None = None,
     true_sequential: bool = False,
     overrides: Mapping[str, PatternSpec | None] | None = None,
@@ -78,6 +80,9 @@ def prune(
     calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
         into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
     wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping).
+    lazy_precision: SparseGPT's lazy-update GEMM, "ieee" (fp32, default) or "tf32" (tensor cores).
+    hessian_dtype: cast calibration inputs to "bfloat16"/"float16"/"float32" before the Hessian accumulates them
+        (fp32 accumulation either way); default: as the model produces them.
     device: where layers are pruned (default: CUDA when available, else the model's device); the model itself
         stays where it is, so a model larger than the GPU prunes.
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
@@ -85,7 +90,8 @@ def prune(
     """
     start = time.perf_counter()
     pattern = SparsityPattern.parse(sparsity)
-    algorithm = make_method(method, wbits=wbits, groupsize=groupsize, blocksize=blocksize, percdamp=percdamp)
+    algorithm = make_method(method, wbits=wbits, groupsize=groupsize, blocksize=blocksize, percdamp=percdamp,
+                            lazy_precision=lazy_precision, hessian_dtype=hessian_dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None

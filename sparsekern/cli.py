@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per sweep block (128)")
     prune.add_argument("--percdamp", type=float, default=None,
                        help="SparseGPT: Hessian damping as a fraction of its mean diagonal (0.01)")
+    prune.add_argument("--lazy-precision", default=None, choices=["ieee", "tf32"],
+                       help="SparseGPT: precision of the lazy-update GEMM (default ieee, i.e. fp32)")
+    prune.add_argument("--hessian-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="SparseGPT: cast calibration inputs before accumulating the Hessian in fp32 "
+                            "(default: as the model produces them)")
     prune.add_argument("--true-sequential", action="store_true",
                        help="prune each layer's input groups in order, re-collecting statistics in between")
     prune.add_argument("--override", action="append", default=[], metavar="GLOB=PATTERN",
@@ -111,7 +116,8 @@ def cmd_prune(args) -> dict:
     report = prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, wbits=args.wbits, groupsize=args.groupsize, blocksize=args.blocksize,
-        percdamp=args.percdamp, device=device, true_sequential=args.true_sequential, overrides=overrides,
+        percdamp=args.percdamp, lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype,
+        device=device, true_sequential=args.true_sequential, overrides=overrides,
         batch_size=args.batch_size, progress=not args.quiet, resume_dir=str(partial),
     )
     record = {"model": str(args.model), **report.to_dict()}

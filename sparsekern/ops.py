@@ -13,6 +13,7 @@ arguments are ``prune_n`` zeros in every ``prune_m`` consecutive inputs (``prune
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -35,10 +36,19 @@ _KERNEL_MODULES: dict[str, str] = {
 
 def _implementation(op: str, tensor: torch.Tensor) -> Callable:
     """The launcher that runs ``op`` on ``tensor``'s device under the active backend, else the reference."""
-    if op in _KERNEL_MODULES and backend_for(tensor) in ("cuda", "interpret"):
-        module = importlib.import_module(f"sparsekern.triton_kernels.{_KERNEL_MODULES[op]}")
-        return getattr(module, op)
-    return getattr(reference, op)
+    backend = backend_for(tensor)
+    if op not in _KERNEL_MODULES or backend == "torch":
+        return getattr(reference, op)
+    launcher = getattr(importlib.import_module(f"sparsekern.triton_kernels.{_KERNEL_MODULES[op]}"), op)
+    if backend == "cuda" and tensor.device.index not in (None, torch.cuda.current_device()):
+        # Triton launches on the current device; make it the tensor's (e.g. a layer pruned on cuda:1).
+        return functools.partial(_on_device, launcher, tensor.device)
+    return launcher
+
+
+def _on_device(launcher: Callable, device: torch.device, *args):
+    with torch.cuda.device(device):
+        return launcher(*args)
 
 
 # -- masks -------------------------------------------------------------------------------------------------

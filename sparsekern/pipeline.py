@@ -455,7 +455,7 @@ def _collect(method: Method, layer: nn.Module, linears: Mapping[str, nn.Module],
     last = groups[-1][0]
     for group in groups:
         columns = weight_matrix(linears[group[0]]).shape[1]
-        stat = method.stats(columns, device, f"{where}.{group[0]}")
+        stat = method.new_stats(columns, device, f"{where}.{group[0]}")
         stats.append(stat)
 
         def hook(module, args, stat=stat, stop=group[0] == last):

@@ -25,6 +25,10 @@ class Method:
     name = "base"
     stats: Optional[type] = None
 
+    def new_stats(self, columns: int, device: torch.device, where: str) -> Any:
+        """A fresh statistic for one input group of ``columns`` features."""
+        return self.stats(columns, device, where)
+
     def options(self) -> dict:
         """The method's options, for sparsity.json."""
         return {}

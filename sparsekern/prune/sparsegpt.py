@@ -9,8 +9,13 @@ import torch
 
 from .. import ops
 from ..reference import NotPositiveDefiniteError
+from ..reference.sparsegpt import LAZY_PRECISIONS
 from .base import LinearResult, Method
 from .stats import HessianStats
+
+
+# dtypes the Hessian's inputs may be cast to before accumulation (None: as the model produced them).
+HESSIAN_DTYPES = (None, "float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -25,7 +30,7 @@ class SparseGPT(Method):
     stats = HessianStats
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01, wbits: int = 0, groupsize: int = 0,
-                 max_damp_tries: int = 4):
+                 max_damp_tries: int = 4, lazy_precision: str = "ieee", hessian_dtype: str | None = None):
         if blocksize <= 0:
             raise ValueError(f"blocksize must be positive, got {blocksize}")
         if not percdamp > 0:
@@ -39,12 +44,22 @@ class SparseGPT(Method):
                 f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it "
                 f"(e.g. --groupsize {blocksize})"
             )
+        if lazy_precision not in LAZY_PRECISIONS:
+            raise ValueError(f"lazy_precision must be one of {', '.join(LAZY_PRECISIONS)}, got {lazy_precision!r}")
+        if hessian_dtype not in HESSIAN_DTYPES:
+            raise ValueError(f"hessian_dtype must be one of {', '.join(HESSIAN_DTYPES)}, got {hessian_dtype!r}")
         self.blocksize, self.percdamp, self.wbits, self.groupsize = blocksize, percdamp, wbits, groupsize
         self.max_damp_tries = max_damp_tries
+        self.lazy_precision, self.hessian_dtype = lazy_precision, hessian_dtype
+
+    def new_stats(self, columns, device, where):
+        input_dtype = None if self.hessian_dtype is None else getattr(torch, self.hessian_dtype)
+        return HessianStats(columns, device, where, input_dtype)
 
     def options(self):
         return {"blocksize": self.blocksize, "percdamp": self.percdamp, "wbits": self.wbits,
-                "groupsize": self.groupsize}
+                "groupsize": self.groupsize, "lazy_precision": self.lazy_precision,
+                "hessian_dtype": self.hessian_dtype}
 
     def prepare(self, stats: HessianStats, where: str) -> Prepared:
         hessian = stats.hessian
@@ -77,6 +92,6 @@ class SparseGPT(Method):
         weight[:, prepared.dead] = 0
         pruned, loss, _scale, _zero = ops.sparsegpt_prune(
             weight, prepared.hinv_upper, pattern.sparsity, pattern.n, pattern.m, self.blocksize,
-            self.wbits, self.groupsize,
+            self.wbits, self.groupsize, self.lazy_precision,
         )
         return LinearResult(pruned, loss=float(loss.sum()), damp=prepared.damp)

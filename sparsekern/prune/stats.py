@@ -32,13 +32,20 @@ class _RunningStatistic:
 
 
 class HessianStats(_RunningStatistic):
-    """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), in fp32."""
+    """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), accumulated in fp32.
 
-    def __init__(self, columns: int, device: torch.device, where: str):
+    input_dtype: cast the inputs to it first (e.g. torch.bfloat16: half-precision products on tensor cores);
+    None keeps them as the model produced them.
+    """
+
+    def __init__(self, columns: int, device: torch.device, where: str, input_dtype: torch.dtype | None = None):
         super().__init__(where)
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.input_dtype = input_dtype
 
     def _update(self, x: torch.Tensor) -> None:
+        if self.input_dtype is not None:
+            x = x.to(self.input_dtype)
         ops.hessian_update(self.hessian, x, self.count)
 
 
