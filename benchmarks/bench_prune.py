@@ -1,16 +1,25 @@
-"""Per-layer pruning time of the public ops at LLaMA linear shapes (rows = out_features, cols = in_features).
+"""Per-layer pruning time, PyTorch reference loop vs fused Triton kernels, at LLaMA linear shapes, with each op's
+floor beside its time.
 
-    python benchmarks/bench_prune.py --shapes 7b            # on the GPU when there is one
-    python benchmarks/bench_prune.py --shapes small --device cpu
+    python benchmarks/bench_prune.py --shapes 7b,13b,70b     # on the GPU
+    python benchmarks/bench_prune.py --shapes tiny --device cpu --no-save   # a smoke run (interpreter)
 
-For each shape: SparseGPT (unstructured 50%, 2:4, 2:4 + 4-bit), Wanda (50%, 2:4), magnitude (50%), and the
-inverse-Hessian factor, through ``sparsekern.ops`` on the active backend (``SPARSEKERN_BACKEND`` picks it;
-today every op runs its PyTorch reference). Rows are appended to results/prune.csv.
+Shapes are (rows, cols) = (out_features, in_features). Cases per shape: SparseGPT (unstructured 50%, 2:4,
+2:4 + 4-bit), Wanda (50%, 2:4), magnitude 50%, the streaming Hessian update (fp32 inputs exact and TF32, bf16 and
+fp16 inputs on tensor cores; 8192 calibration tokens per update) and Wanda's sum of squares. Both implementations
+run on the same device in the same process: ``reference`` is ``sparsekern.reference`` (the loop the ops fall back
+to), ``fused`` is the ``sparsekern.triton_kernels`` launcher the ops use on a GPU.
+
+Floors: the device's copy bandwidth and matmul rates are measured first; an op's floor is max(bytes it must
+move / bandwidth, GEMM flops it must do / matmul rate at its precision). Rows (median and 20/80% quantiles, floor,
+fused-over-reference speedup) are appended to results/prune.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,56 +28,146 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, measure  # noqa: E402
 
-from sparsekern import get_backend, ops  # noqa: E402
-
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
     "70b": [(8192, 8192), (28672, 8192), (8192, 28672)],
     "small": [(576, 576), (1536, 576), (576, 1536)],  # SmolLM2-135M
+    "tiny": [(48, 64)],  # smoke runs under the interpreter
 }
-CASES = [  # (op, pattern, wbits)
-    ("sparsegpt_prune", "0.5", 0), ("sparsegpt_prune", "2:4", 0), ("sparsegpt_prune", "2:4", 4),
-    ("wanda_prune", "0.5", 0), ("wanda_prune", "2:4", 0), ("magnitude_prune", "0.5", 0),
-    ("hinv_cholesky", "-", 0),
-]
+SPARSEGPT_CASES = [("0.5", 0), ("2:4", 0), ("2:4", 4)]  # (pattern, wbits)
+WANDA_CASES = ["0.5", "2:4"]
+HESSIAN_CASES = [("float32", "ieee"), ("float32", "tf32"), ("bfloat16", "ieee"), ("float16", "ieee")]
+BLOCKSIZE = 128
+
+
+def _set_tf32(enabled: bool) -> None:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        matmul.allow_tf32 = enabled
+
+
+def machine_rates(device: torch.device) -> dict:
+    """Measured copy bandwidth (bytes/s) and matmul rates (flop/s) for fp32, tf32 and bf16 inputs."""
+    n = 1 << 26 if device.type == "cuda" else 1 << 22
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    bandwidth = 2 * 4 * n / (measure(lambda: dst.copy_(src), device, repeat=10)["median_ms"] * 1e-3)
+    size = 8192 if device.type == "cuda" else 512
+    rates = {"bandwidth": bandwidth}
+    for name, dtype, tf32 in [("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                              ("bf16", torch.bfloat16, False)]:
+        a = torch.randn(size, size, device=device).to(dtype)
+        if device.type == "cuda":
+            _set_tf32(tf32)
+        ms = measure(lambda: a @ a, device, repeat=5)["median_ms"]
+        rates[name] = 2 * size**3 / (ms * 1e-3)
+    if device.type == "cuda":
+        _set_tf32(False)
+    return rates
 
 
 def calibration_hessian(cols: int, device: torch.device, tokens: int) -> torch.Tensor:
     """A realistic, correlated Hessian from random low-rank-plus-noise activations."""
+    from sparsekern import reference
+
     hessian = torch.zeros(cols, cols, device=device)
     count = 0
-    mix = torch.randn(cols // 4, cols, device=device) / (cols // 4) ** 0.5
+    mix = torch.randn(max(1, cols // 4), cols, device=device) / max(1, cols // 4) ** 0.5
     for start in range(0, tokens, 2048):
         m = min(2048, tokens - start)
-        x = torch.randn(m, cols // 4, device=device) @ mix + 0.3 * torch.randn(m, cols, device=device)
-        ops.hessian_update(hessian, x, count)
-        count += m
+        x = torch.randn(m, mix.shape[0], device=device) @ mix + 0.3 * torch.randn(m, cols, device=device)
+        count = reference.hessian_update(hessian, x, count)
     return hessian
 
 
-def run(shape: tuple[int, int], device: torch.device, dtype: torch.dtype, repeat: int, tokens: int) -> list[dict]:
+def implementations(op: str) -> dict:
+    """{"reference": the PyTorch loop, "fused": the Triton launcher} for one op."""
+    from sparsekern import ops, reference
+
+    module = importlib.import_module(f"sparsekern.triton_kernels.{ops._KERNEL_MODULES[op]}")
+    return {"reference": getattr(reference, op), "fused": getattr(module, op)}
+
+
+def floor_ms(rates: dict, bytes_moved: float, flops: float = 0.0, precision: str = "fp32") -> dict:
+    bw = bytes_moved / rates["bandwidth"] * 1e3
+    compute = flops / rates[precision] * 1e3
+    return {"floor_ms": max(bw, compute), "floor_bw_ms": bw, "floor_flops_ms": compute}
+
+
+def cases(shape, device, dtype, rates, tokens):
+    """(op, description fields, floor fields, {impl: callable}) for every case at one shape."""
+    from sparsekern import reference
+
     rows, cols = shape
+    elt = torch.finfo(dtype).bits // 8
     weight = torch.randn(rows, cols, device=device, dtype=dtype)
     hessian = calibration_hessian(cols, device, tokens)
-    upper, _ = ops.hinv_cholesky(hessian, 0.01, 4)
+    upper, _ = reference.hinv_cholesky(hessian, 0.01, 4)
     norm = torch.rand(cols, device=device) + 0.1
-    results = []
-    for op, spec, wbits in CASES:
+
+    impl = implementations("sparsegpt_prune")
+    for spec, wbits in SPARSEGPT_CASES:
         n, m = (2, 4) if spec == "2:4" else (0, 0)
-        if op == "sparsegpt_prune":
-            fn = lambda: ops.sparsegpt_prune(weight, upper, 0.5, n, m, 128, wbits, 0)  # noqa: E731
-        elif op == "wanda_prune":
-            fn = lambda: ops.wanda_prune(weight.clone(), norm, 0.5, n, m)  # noqa: E731
-        elif op == "magnitude_prune":
-            fn = lambda: ops.magnitude_prune(weight.clone(), 0.5, 0, 0)  # noqa: E731
-        else:
-            fn = lambda: ops.hinv_cholesky(hessian, 0.01, 4)  # noqa: E731
-        timing = measure(fn, device, repeat=repeat)
-        results.append({"op": op, "rows": rows, "cols": cols, "pattern": spec, "wbits": wbits,
-                        "dtype": str(dtype).removeprefix("torch."), "backend": get_backend(), **timing})
-        print(f"{op:<16} {rows:>6}x{cols:<6} {spec:>4} w{wbits}  {timing['median_ms']:10.1f} ms "
-              f"[{timing['p20_ms']:.1f}, {timing['p80_ms']:.1f}]", flush=True)
+        # The lazy updates are a rows x cols x cols/2 GEMM in all; W is read and the fp32 result written, U read.
+        floor = floor_ms(rates, rows * cols * (elt + 4) + cols * cols * 4, rows * cols * cols, "fp32")
+        yield "sparsegpt_prune", {"pattern": spec, "wbits": wbits}, floor, {
+            name: (lambda fn=fn, n=n, m=m, wbits=wbits: fn(weight, upper, 0.5, n, m, BLOCKSIZE, wbits, 0))
+            for name, fn in impl.items()}
+    impl = implementations("wanda_prune")
+    for spec in WANDA_CASES:
+        n, m = (2, 4) if spec == "2:4" else (0, 0)
+        work = weight.clone()
+        # Read W, write W (in place) and the bool mask. Pruning an already-pruned copy costs the same.
+        floor = floor_ms(rates, rows * cols * (2 * elt + 1) + cols * 4)
+        yield "wanda_prune", {"pattern": spec, "wbits": 0}, floor, {
+            name: (lambda fn=fn, n=n, m=m: fn(work, norm, 0.5, n, m)) for name, fn in impl.items()}
+    impl = implementations("magnitude_prune")
+    work = weight.clone()
+    yield "magnitude_prune", {"pattern": "0.5", "wbits": 0}, floor_ms(rates, rows * cols * (2 * elt + 1)), {
+        name: (lambda fn=fn: fn(work, 0.5, 0, 0)) for name, fn in impl.items()}
+
+    batch = min(tokens, 8192)
+    for x_dtype, precision in HESSIAN_CASES:
+        x = torch.randn(batch, cols, device=device).to(getattr(torch, x_dtype))
+        h = torch.zeros(cols, cols, device=device)
+        x_elt = x.element_size()
+        rate = {"float32": "fp32" if precision == "ieee" else "tf32"}.get(x_dtype, "bf16")
+        # Symmetric: half of the 2 m k^2 flops; x read once, H read and written.
+        floor = floor_ms(rates, batch * cols * x_elt + 2 * cols * cols * 4, batch * cols * cols, rate)
+        impl = implementations("hessian_update")
+        fns = {"reference": lambda fn=impl["reference"]: fn(h, x, 1),
+               "fused": lambda fn=impl["fused"], p=precision: fn(h, x, 1, input_precision=p)}
+        if precision == "tf32":
+            fns.pop("reference")  # the reference is exact fp32: compared in the ieee row
+        yield "hessian_update", {"pattern": "-", "wbits": 0, "x_dtype": x_dtype, "precision": precision,
+                                 "tokens": batch}, floor, fns
+    x = torch.randn(batch, cols, device=device, dtype=dtype)
+    s = torch.zeros(cols, device=device)
+    impl = implementations("sumsq_update")
+    yield "sumsq_update", {"pattern": "-", "wbits": 0, "x_dtype": str(dtype).removeprefix("torch."),
+                           "tokens": batch}, floor_ms(rates, batch * cols * elt), {
+        name: (lambda fn=fn: fn(s, x, 1)) for name, fn in impl.items()}
+
+
+def run(shape, device, dtype, rates, repeat, tokens) -> list[dict]:
+    results = []
+    for op, fields, floor, fns in cases(shape, device, dtype, rates, tokens):
+        timings = {name: measure(fn, device, repeat=repeat) for name, fn in fns.items()}
+        for name, timing in timings.items():
+            row = {"op": op, "impl": name, "rows": shape[0], "cols": shape[1], **fields,
+                   "dtype": str(dtype).removeprefix("torch."), **timing, **floor}
+            if name == "fused" and "reference" in timings:
+                row["speedup"] = timings["reference"]["median_ms"] / timing["median_ms"]
+            results.append(row)
+        described = " ".join(f"{v}" for k, v in fields.items() if k in ("pattern", "x_dtype", "precision"))
+        fused = timings["fused"]["median_ms"]
+        reference = timings.get("reference", {}).get("median_ms")
+        speedup = f"x{reference / fused:6.1f}" if reference else "       "
+        ref_text = f"{reference:10.2f}" if reference else f"{'-':>10}"
+        print(f"{op:<16}{shape[0]:>6}x{shape[1]:<6} {described:<18} ref {ref_text} ms  fused {fused:9.3f} ms "
+              f"{speedup}  floor {floor['floor_ms']:8.3f} ms ({fused / floor['floor_ms']:.1f}x floor)", flush=True)
     return results
 
 
@@ -82,10 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/prune.csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    rates = machine_rates(device)
+    print(f"device: bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s; matmul fp32 {rates['fp32'] / 1e12:.1f}, "
+          f"tf32 {rates['tf32'] / 1e12:.1f}, bf16 {rates['bf16'] / 1e12:.1f} TFLOP/s", flush=True)
     rows = []
     for name in args.shapes.split(","):
         for shape in SHAPES[name]:
-            rows += run(shape, device, getattr(torch, args.dtype), args.repeat, args.tokens)
+            rows += run(shape, device, getattr(torch, args.dtype), rates, args.repeat, args.tokens)
+    for row in rows:
+        row.update(bandwidth_gbs=rates["bandwidth"] / 1e9, fp32_tflops=rates["fp32"] / 1e12,
+                   tf32_tflops=rates["tf32"] / 1e12, bf16_tflops=rates["bf16"] / 1e12)
     if not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows('prune', rows, device)}")
     return 0

@@ -50,21 +50,26 @@ def measure(fn: Callable[[], object], device: torch.device, repeat: int = 5, war
 
 
 def append_rows(name: str, rows: list[dict], device: torch.device) -> Path:
-    """Append ``rows`` to results/<name>.csv with device, commit and date columns; the header comes first."""
+    """Append ``rows`` to results/<name>.csv with device, commit and date columns.
+
+    A row with columns the file lacks extends the header (the file is rewritten, old rows left blank there)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "commit": commit(), "device": device_name(device), "torch": torch.__version__}
     rows = [{**stamp, **row} for row in rows]
-    fields = list(rows[0].keys())
-    new = not path.exists() or os.path.getsize(path) == 0
-    if not new:
+    old_rows, fields = [], []
+    if path.exists() and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
-            existing = next(csv.reader(f), [])
-        fields = existing + [k for k in fields if k not in existing]
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a results file
     return path

@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end on tiny shapes (the interpreter stands in for the GPU), write well-formed
+CSV rows, and plot them."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    """A benchmark script as a module; ``common`` is imported the way the scripts import it (one module)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name == "common":
+        return importlib.import_module("common")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """Results go to a temporary folder, never into benchmarks/results."""
+    monkeypatch.setattr(load("common"), "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_bench_prune_rows_and_plot(results, interpret, capsys):
+    bench = load("bench_prune")
+    assert bench.main(["--shapes", "tiny", "--device", "cpu", "--repeat", "1"]) == 0
+    with open(results / "prune.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ops = {(r["op"], r["impl"]) for r in rows}
+    for op in ["sparsegpt_prune", "wanda_prune", "magnitude_prune", "hessian_update", "sumsq_update"]:
+        assert (op, "reference") in ops and (op, "fused") in ops
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and float(row["floor_ms"]) > 0
+        assert row["device"] and row["commit"] and row["date"]
+        if row["impl"] == "fused" and row["speedup"]:
+            assert float(row["speedup"]) > 0
+    out = results / "prune.png"
+    assert load("plot").main(["--csv", str(results / "prune.csv"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+
+def test_append_rows_extends_the_header(results):
+    common = load("common")
+    import torch
+
+    common.append_rows("t", [{"a": 1}], torch.device("cpu"))
+    common.append_rows("t", [{"a": 2, "b": 3}], torch.device("cpu"))
+    with open(results / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"]) for r in rows] == [("1", ""), ("2", "3")]
+
+
+@pytest.mark.slow
+def test_bench_prune_model_tiny(results, interpret):
+    bench = load("bench_prune_model")
+    assert bench.main(["--config", "tiny", "--nsamples", "2", "--seqlen", "16", "--device", "cpu"]) == 0
+    with open(results / "prune_model.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["impl"] for r in rows] == ["reference", "fused"]
+    assert all(abs(float(r["sparsity"]) - 0.5) < 1e-3 for r in rows)
