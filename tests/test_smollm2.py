@@ -75,3 +75,28 @@ def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path,
     assert evaluated["perplexity"] == pytest.approx(in_process, rel=1e-5)
     assert evaluated["tokens"] == EVAL_WINDOWS * (SEQLEN - 1)
     assert in_process > dense_perplexity  # pruning 2:4 costs some perplexity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, pattern", [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5")])
+def test_fused_kernels_give_the_reference_perplexity(smollm2, method, pattern):
+    """The Triton kernels (interpreted) through the whole driver give the reference's perplexity within 0.5%.
+    The interpreter is slow, so the first two decoder layers are pruned and the other 28 stay dense."""
+    model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
+    overrides = {"model.layers.*": "dense", "model.layers.[01].*": pattern}
+    results = {}
+    previous = sparsekern.get_backend()
+    try:
+        for backend in ["torch", "interpret"]:
+            sparsekern.set_backend(backend)
+            model.load_state_dict(dense)
+            report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
+                                      overrides=overrides, progress=False)
+            assert len(report.linears) == 2 * 7
+            results[backend] = held_out_perplexity(model, held_out)
+    finally:
+        sparsekern.set_backend(previous)
+        model.load_state_dict(dense)
+    print(results)
+    assert results["torch"] != dense_perplexity
+    assert results["interpret"] == pytest.approx(results["torch"], rel=0.005), results
