@@ -13,7 +13,7 @@ def spd(n, seed=0):
 
 def test_ops_are_registered_under_one_namespace():
     for name in ["nm_mask", "wanda_prune", "magnitude_prune", "hessian_update", "sumsq_update", "hinv_cholesky",
-                 "sparsegpt_prune"]:
+                 "sparsegpt_sweep", "sparsegpt_prune"]:
         assert hasattr(torch.ops.sparsekern, name)
 
 
@@ -34,6 +34,21 @@ def test_opcheck_statistics_and_sparsegpt():
     for args in [(torch.randn(5, 32), upper, 0.5, 0, 0, 16, 0, 0), (torch.randn(5, 32), upper, 0.0, 2, 4, 16, 4, 8),
                  (torch.randn(5, 32).to(torch.bfloat16), upper, 0.5, 0, 0, 8, 3, 0)]:
         torch.library.opcheck(ops.sparsegpt_prune, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_opcheck_sweep_and_kernels(backend, request):
+    if backend == "interpret":
+        request.getfixturevalue("interpret")
+    upper, _ = ops.hinv_cholesky(spd(32), 0.01, 1)
+    block = torch.randn(5, 32)
+    mask = torch.rand(5, 32) < 0.5
+    torch.library.opcheck(ops.sparsegpt_sweep, (block, upper, mask, 0, 0, 0, None, None, 0))
+    torch.library.opcheck(ops.sparsegpt_sweep, (block, upper, None, 2, 4, 4, torch.zeros(5, 4), torch.zeros(5, 4), 8))
+    torch.library.opcheck(ops.sparsegpt_prune, (torch.randn(5, 32), upper, 0.5, 0, 0, 16, 4, 8, "tf32"))
+    torch.library.opcheck(ops.hessian_update, (torch.zeros(12, 12), torch.randn(2, 7, 12).half(), 3))
+    torch.library.opcheck(ops.sumsq_update, (torch.zeros(12), torch.randn(7, 12).bfloat16(), 0))
+    torch.library.opcheck(ops.magnitude_prune, (torch.randn(5, 124), 0.5, 0, 0))
 
 
 def test_ops_match_reference():
@@ -65,6 +80,10 @@ def test_fake_shapes_under_torch_compile():
     (lambda: ops.magnitude_prune(torch.randn(4, 32), 1.0, 0, 0), "outside"),
     (lambda: ops.hinv_cholesky(torch.randn(4, 5), 0.01, 1), "square"),
     (lambda: ops.sparsegpt_prune(torch.randn(4, 32), torch.eye(16), 0.5, 0, 0, 16, 0, 0), "hinv_upper has shape"),
+    (lambda: ops.sparsegpt_prune(torch.randn(4, 32), torch.eye(32), 0.5, 0, 0, 16, 0, 0, "fp16"), "lazy_precision"),
+    (lambda: ops.sparsegpt_sweep(torch.randn(4, 32), torch.eye(16), None, 0, 0, 0, None, None, 0), "hinv_block"),
+    (lambda: ops.sparsegpt_sweep(torch.randn(4, 32), torch.eye(32), None, 0, 0, 4, None, None, 0), "scale and zero"),
+    (lambda: ops.sparsegpt_sweep(torch.randn(4, 30), torch.eye(30), None, 2, 4, 0, None, None, 0), "divisible"),
 ])
 def test_argument_errors(call, words):
     with pytest.raises(ValueError, match=words):

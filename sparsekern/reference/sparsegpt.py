@@ -54,7 +54,7 @@ def sparsegpt_sweep(
     q_block = torch.empty_like(w_block)
     err_block = torch.empty_like(w_block)
     diag = torch.diagonal(hinv_block)
-    mask = torch.zeros_like(w_block, dtype=torch.bool) if prune_mask is None else prune_mask
+    mask = torch.zeros_like(w_block, dtype=torch.bool) if prune_mask is None else prune_mask.clone()
     per_group = bits > 0 and groupsize > 0
     for i in range(w_block.shape[1]):
         if prune_n and i % prune_m == 0:
