@@ -36,15 +36,19 @@ def _hessian_update_kernel(
     rows = ti * BLOCK + tl.arange(0, BLOCK)  # rows of H = columns of x
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     offs_m = tl.arange(0, BLOCK_M)
-    # x[:, rows]^T loaded transposed by its pointers ([BLOCK, BLOCK_M]), x[:, cols] as it is ([BLOCK_M, BLOCK]).
-    # The pointers advance by BLOCK_M rows per step: m * k can exceed int32 (262144 x 28672), a step never does.
-    xt_ptrs = x_ptr + rows[:, None] * stride_xk + offs_m[None, :] * stride_xm
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+    # x[:, rows] and x[:, cols] loaded as [BLOCK_M, BLOCK] tiles (coalesced along k); the first is transposed
+    # for the dot (tl.trans: a layout change, which half-precision tensor-core operands take from shared memory).
+    # The offsets within one step are int32 (at most BLOCK_M rows x k); the scalar base pointer advances by
+    # BLOCK_M rows per step, since m * k can exceed int32 (262144 x 28672). Tensors of 64-bit pointers carried
+    # through the loop would cost two registers per element and spill.
+    xr_offs = offs_m[:, None] * stride_xm + rows[None, :] * stride_xk
+    x_offs = offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+    base = x_ptr
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for m0 in range(0, m, BLOCK_M):
         in_m = (m0 + offs_m) < m
-        xt = tl.load(xt_ptrs, mask=(rows[:, None] < k) & in_m[None, :], other=0.0)
-        xc = tl.load(x_ptrs, mask=in_m[:, None] & (cols[None, :] < k), other=0.0)
+        xt = tl.trans(tl.load(base + xr_offs, mask=in_m[:, None] & (rows[None, :] < k), other=0.0))
+        xc = tl.load(base + x_offs, mask=in_m[:, None] & (cols[None, :] < k), other=0.0)
         if UPCAST:
             # bf16 tl.dot gives wrong results in the interpreter (triton 3.9 on CPU); the product of two bf16
             # values is exact in fp32, so the fp32 dot the interpreter does (exactly) is the same math.
@@ -53,18 +57,23 @@ def _hessian_update_kernel(
         # Half inputs go to the tensor cores as they are (exact products, fp32 accumulation); fp32 inputs use
         # INPUT_PRECISION ("ieee": exact fp32 like the reference, instead of the GPU's default tf32).
         acc = tl.dot(xt, xc, acc, input_precision=INPUT_PRECISION)
-        xt_ptrs += BLOCK_M * stride_xm
-        x_ptrs += BLOCK_M * stride_xm
+        base += BLOCK_M * stride_xm
 
     in_k = (rows[:, None] < k) & (cols[None, :] < k)
-    rows64 = rows.to(tl.int64)[:, None]  # k * k can exceed int32 for k > 46340
-    cols64 = cols.to(tl.int64)[None, :]
-    h = tl.load(h_ptr + rows64 * k + cols64, mask=in_k, other=0.0)
+    # k * k can exceed int32 (k > 46340): the tile's corner is a 64-bit scalar, offsets inside it stay int32.
+    local_r = tl.arange(0, BLOCK)[:, None]
+    local_c = tl.arange(0, BLOCK)[None, :]
+    tile = h_ptr + (ti * BLOCK).to(tl.int64) * k + tj * BLOCK
+    mirror = h_ptr + (tj * BLOCK).to(tl.int64) * k + ti * BLOCK
+    h = tl.load(tile + local_r * k + local_c, mask=in_k, other=0.0)
     new = h * keep + acc * scale
     # A diagonal tile writes its upper triangle, and the strictly upper part again mirrored; an off-diagonal
     # tile (all rows < cols) writes itself and its mirror whole.
-    tl.store(h_ptr + rows64 * k + cols64, new, mask=in_k & (rows[:, None] <= cols[None, :]))
-    tl.store(h_ptr + cols64 * k + rows64, new, mask=in_k & (rows[:, None] < cols[None, :]))
+    offsets = local_r * k + local_c
+    tl.store(tile + offsets, new, mask=in_k & (rows[:, None] <= cols[None, :]))
+    # The mirror is the transposed tile, stored row by row (coalesced) at the same offsets.
+    mirror_mask = in_k & (rows[:, None] < cols[None, :])
+    tl.store(mirror + offsets, tl.trans(new), mask=tl.trans(mirror_mask))
 
 
 def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_precision: str = "ieee") -> int:
