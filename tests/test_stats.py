@@ -59,6 +59,20 @@ def test_sumsq_update_streams_like_the_reference(interpret, dtype, k):
     assert_fp32_close(sumsq, data.pow(2).mean(dim=0), f"sumsq vs mean of squares of all batches ({dtype}, k={k})")
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_sumsq_row_splits_add_up(interpret, monkeypatch, splits):
+    """On a GPU the rows are split across programs (partial sums added in order); force that here."""
+    from sparsekern.triton_kernels import stats
+
+    monkeypatch.setattr(stats, "_row_splits", lambda *args: splits)
+    x = randn(300, 37, dtype=torch.bfloat16)
+    sumsq = torch.rand(37)
+    expected = sumsq.clone()
+    assert ops.sumsq_update(sumsq, x, 5) is None
+    reference.sumsq_update(expected, x, 5)
+    assert_fp32_close(sumsq, expected, f"sumsq with {splits} row splits")
+
+
 def test_updates_continue_a_symmetric_statistic_and_return_the_count(interpret):
     """From a nonzero state and count (every element must be rewritten), through the launchers, which return
     count + m; ``input_precision="tf32"`` is accepted (the interpreter's dot is exact fp32 either way)."""

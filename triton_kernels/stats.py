@@ -100,6 +100,8 @@ def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_
     # tensor-core tile on an H100, large enough to reuse each loaded row 128 times and small enough that
     # k = 4096 still gives 528 upper-triangle tiles for 132 SMs. BLOCK_M (the GEMM's reduction step) of 64 half
     # or 32 fp32 values is 128 bytes per row either way: 32 KiB of operands per stage, 3 stages in shared memory.
+    # ptxas (triton 3.9, sm_90a) gives this 255 registers with a few spilled (36 bytes fp32, 152 bf16); 64-wide
+    # tiles do not spill but halve the reuse of each loaded row. To be settled by timing on an H100.
     block = min(128, max(16, triton.next_power_of_2(k)))
     block_m = 32 if x.dtype == torch.float32 else 64
     upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,25 +115,32 @@ def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_
 
 
 @triton.jit
-def _sumsq_update_kernel(s_ptr, x_ptr, m, k, stride_xm, stride_xk, keep, inv_total,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns [pid * BLOCK_K, ...) of s <- keep * s + inv_total * sum_rows(x^2), squares summed in fp32.
+def _sumsq_partial_kernel(out_ptr, x_ptr, m, k, rows_per_split, stride_xm, stride_xk,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, cols] = sum over this split's rows of x[row, cols]^2, in fp32.
 
-    keep = count / (count + m), inv_total = 1 / (count + m): the running mean of squares per input channel.
-    Each program owns its columns and loops over all m rows, so the sum is deterministic (no atomics): a
-    [BLOCK_M, BLOCK_K] accumulator takes elementwise adds in the loop and is reduced over rows once at the end.
+    Program (column tile, split) owns BLOCK_K columns of rows [split * rows_per_split, ...): the splits fill the
+    GPU when k alone gives too few programs, and the partial sums are added in a fixed order afterwards, so the
+    result is deterministic (no atomics). A [BLOCK_M, BLOCK_K] accumulator takes elementwise adds in the loop
+    and is reduced over rows once at the end.
     """
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     in_k = cols < k
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, m)
+    # int32 offsets within a step from a scalar 64-bit base that advances (m * k can exceed int32); a tensor of
+    # 64-bit pointers carried through the loop would cost two registers per element.
+    offsets = offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+    base = x_ptr + start.to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, m, BLOCK_M):
-        v = tl.load(x_ptrs, mask=((m0 + offs_m) < m)[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+    for m0 in range(start, stop, BLOCK_M):
+        v = tl.load(base + offsets, mask=((m0 + offs_m) < stop)[:, None] & in_k[None, :], other=0.0)
+        v = v.to(tl.float32)
         acc += v * v
-        x_ptrs += BLOCK_M * stride_xm  # pointer steps: m * k can exceed int32
-    s = tl.load(s_ptr + cols, mask=in_k, other=0.0)
-    tl.store(s_ptr + cols, s * keep + tl.sum(acc, axis=0) * inv_total, mask=in_k)
+        base += BLOCK_M * stride_xm
+    tl.store(out_ptr + split.to(tl.int64) * k + cols, tl.sum(acc, axis=0), mask=in_k)
 
 
 def sumsq_update(sumsq: torch.Tensor, x: torch.Tensor, count: int) -> int:
@@ -150,15 +159,29 @@ def sumsq_update(sumsq: torch.Tensor, x: torch.Tensor, count: int) -> int:
     if x.dtype not in _KERNEL_DTYPES:
         x = x.to(torch.float32)
     x = x.reshape(m, k)
-    # Tall-skinny x (m = 128 x 2048 rows, k = 4096..28672 on the GPU) is read once, so this is bandwidth-bound.
-    # 32 columns per program is one 64-byte segment of a half row (two full 32-byte sectors) and, at k = 4096,
-    # 128 programs for the H100's 132 SMs; each reads 256 rows per step (16 KiB of half values in flight).
-    block_k = 32
-    _sumsq_update_kernel[(triton.cdiv(k, block_k),)](
-        sumsq, x, m, k, x.stride(0), x.stride(1), count / total, 1.0 / total,
-        BLOCK_M=256, BLOCK_K=block_k, num_warps=4,
+    # Tall-skinny x (m = 8 x 2048 rows per batch, k = 4096..28672 on the GPU) is read once: bandwidth-bound.
+    # 32 columns per program is one 64-byte segment of a half row (two full 32-byte sectors); 128 rows per step
+    # keep the kernel at 117 registers (ptxas, sm_90a), so four programs share an SM. Rows are split so that
+    # there are about four programs per SM in all (k = 4096 alone gives only 128 column tiles).
+    block_k, block_m = 32, 128
+    column_tiles = triton.cdiv(k, block_k)
+    splits = _row_splits(m, block_m, column_tiles, x.device)
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, rows_per_split)
+    partial = torch.empty(splits, k, dtype=torch.float32, device=x.device)
+    _sumsq_partial_kernel[(column_tiles, splits)](
+        partial, x, m, k, rows_per_split, x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
+    sumsq.mul_(count / total).add_(partial.sum(dim=0), alpha=1.0 / total)
     return total
+
+
+def _row_splits(m: int, block_m: int, column_tiles: int, device: torch.device) -> int:
+    """How many row ranges make about four programs per SM (at least 4 steps of rows each); 1 off the GPU."""
+    if device.type != "cuda":
+        return 1
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(m, 4 * block_m), programs // column_tiles))
 
 
 def _check(stat: torch.Tensor, x: torch.Tensor, name: str, dims: int) -> None:
