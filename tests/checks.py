@@ -41,3 +41,20 @@ def assert_mask(got: torch.Tensor, what: str) -> None:
     bad = got.view(torch.uint8) > 1
     assert not bad.any(), f"{what}: {int(bad.sum())} mask bytes never written, first at " \
                           f"{tuple(bad.nonzero()[0].tolist())}"
+
+
+def group_has_ties(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """[rows, groups] bool: the group of m consecutive scores holds two equal scores."""
+    groups = scores.reshape(scores.shape[0], -1, m)
+    diffs = groups.unsqueeze(-1) == groups.unsqueeze(-2)
+    return diffs.sum((-1, -2)) > m  # the diagonal alone gives m
+
+
+def check_nm_selection(scores: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> None:
+    """Exactly n pruned per group, and every kept score >= every pruned score of its group."""
+    rows, cols = scores.shape
+    groups, picked = scores.reshape(rows, cols // m, m), mask.reshape(rows, cols // m, m)
+    assert (picked.sum(-1) == n).all(), "not exactly N pruned in every group"
+    highest_pruned = groups.masked_fill(~picked, float("-inf")).amax(-1)
+    lowest_kept = groups.masked_fill(picked, float("inf")).amin(-1)
+    assert (lowest_kept >= highest_pruned).all(), "a kept score is below a pruned one"

@@ -77,26 +77,42 @@ def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path,
     assert in_process > dense_perplexity  # pruning 2:4 costs some perplexity
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method, pattern", [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5")])
-def test_fused_kernels_give_the_reference_perplexity(smollm2, method, pattern):
-    """The Triton kernels (interpreted) through the whole driver give the reference's perplexity within 0.5%.
-    The interpreter is slow, so the first two decoder layers are pruned and the other 28 stay dense."""
+def prune_with_each_backend(smollm2, method, pattern, overrides=None):
+    """{backend: held-out perplexity} after pruning with the reference ops ("torch") and the interpreted
+    Triton kernels ("interpret"), from the same dense weights and calibration windows."""
     model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
-    overrides = {"model.layers.*": "dense", "model.layers.[01].*": pattern}
     results = {}
     previous = sparsekern.get_backend()
     try:
         for backend in ["torch", "interpret"]:
             sparsekern.set_backend(backend)
             model.load_state_dict(dense)
-            report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
-                                      overrides=overrides, progress=False)
-            assert len(report.linears) == 2 * 7
+            sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
+                             overrides=overrides, progress=False)
             results[backend] = held_out_perplexity(model, held_out)
     finally:
         sparsekern.set_backend(previous)
         model.load_state_dict(dense)
-    print(results)
+    print(method, pattern, results)
     assert results["torch"] != dense_perplexity
+    return results
+
+
+@pytest.mark.slow
+def test_fused_sparsegpt_gives_the_reference_perplexity(smollm2):
+    """SparseGPT 50% with the kernels (interpreted; ~25 min) vs the reference: within 0.5% of perplexity.
+
+    Not bit-identical: the Hessian sums in a different fp32 order, which flips a few near-tied adaptive mask
+    choices. The reference itself moves as much under a reordering of its own sums: on this model (16 x 256
+    Lee tokens) calibration batches of 4, 8 or 16 windows give 59.40 to 59.56 (0.27%)."""
+    results = prune_with_each_backend(smollm2, "sparsegpt", "0.5")
+    assert results["interpret"] == pytest.approx(results["torch"], rel=0.005), results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_fused_wanda_gives_the_reference_perplexity(smollm2, pattern):
+    """Wanda with the kernels (interpreted; the first two decoder layers, the rest dense) vs the reference."""
+    overrides = {"model.layers.*": "dense", "model.layers.[01].*": pattern}
+    results = prune_with_each_backend(smollm2, "wanda", pattern, overrides)
     assert results["interpret"] == pytest.approx(results["torch"], rel=0.005), results

@@ -13,6 +13,15 @@ COLUMNS = [5, 37, 123, 130]
 BATCHES = [(1,), (7,), (2, 7), (100,)]
 
 
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Tiles small enough that k = 37..130 spans several of them (mirrored tiles, masked tails)."""
+    from sparsekern.triton_kernels import stats
+
+    monkeypatch.setattr(stats, "INTERPRETER_HESSIAN_TILES", (32, 16))
+    monkeypatch.setattr(stats, "INTERPRETER_SUMSQ_TILES", (16, 32))
+
+
 def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 

@@ -7,7 +7,7 @@ import torch
 
 import sparsekern
 from sparsekern import ops, reference
-from checks import assert_mask
+from checks import assert_mask, check_nm_selection, group_has_ties
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -102,27 +102,11 @@ def test_nm_wanda_matches_reference(shape, dtype, nm):
     weight = torch.randn(shape[0], cols, generator=gen(cols)).to(dtype)
     # Rounded to half precision, two weights of a group can tie in score; topk orders those freely.
     scores = weight.abs().float() * act_norm
-    group_ties = _group_has_ties(scores, m)
+    group_ties = group_has_ties(scores, m)
     mask, expected = prune_both(weight, act_norm, 0.0, n, m)
     same = (mask == expected).reshape(shape[0], cols // m, m).all(-1)
     assert (same | group_ties).all(), f"{int((~same & ~group_ties).sum())} tie-free groups differ"
-    _check_nm_selection(scores, mask, n, m)
-
-
-def _group_has_ties(scores, m):
-    groups = scores.reshape(scores.shape[0], -1, m)
-    diffs = groups.unsqueeze(-1) == groups.unsqueeze(-2)
-    return diffs.sum((-1, -2)) > m  # the diagonal alone gives m
-
-
-def _check_nm_selection(scores, mask, n, m):
-    """Exactly n pruned per group, and every kept score >= every pruned score of its group."""
-    rows, cols = scores.shape
-    groups, picked = scores.reshape(rows, cols // m, m), mask.reshape(rows, cols // m, m)
-    assert (picked.sum(-1) == n).all(), "not exactly N pruned in every group"
-    highest_pruned = groups.masked_fill(~picked, float("-inf")).amax(-1)
-    lowest_kept = groups.masked_fill(picked, float("inf")).amin(-1)
-    assert (lowest_kept >= highest_pruned).all(), "a kept score is below a pruned one"
+    check_nm_selection(scores, mask, n, m)
 
 
 @pytest.mark.parametrize("nm", NM_PATTERNS)
@@ -131,7 +115,7 @@ def test_nm_wanda_with_ties_is_a_valid_selection(nm):
     weight = torch.randint(-2, 3, (7, 48), generator=gen(8)).float()  # a fifth zero, many equal magnitudes
     scores = weight.abs()
     mask, _ = prune_both(weight, torch.ones(48), 0.0, n, m)
-    _check_nm_selection(scores, mask, n, m)
+    check_nm_selection(scores, mask, n, m)
     # Ties go to the earlier position: in an all-equal group the first n are pruned.
     flat = torch.zeros(1, 2 * m)
     flat_mask, _ = prune_both(flat, torch.ones(2 * m), 0.0, n, m)
@@ -145,11 +129,11 @@ def test_nm_mask_matches_reference(dtype, nm):
     scores = torch.randn(11, 30 * m, generator=gen(9)).to(dtype)  # signed scores: plain float order
     got = ops.nm_mask(scores, n, m)
     assert_mask(got, "nm_mask")
-    _check_nm_selection(scores.float(), got, n, m)
+    check_nm_selection(scores.float(), got, n, m)
     if dtype == torch.float32:
         assert torch.equal(got, reference.nm_mask(scores, n, m))
     else:
-        ties = _group_has_ties(scores.float(), m)
+        ties = group_has_ties(scores.float(), m)
         same = (got == reference.nm_mask(scores, n, m)).reshape(11, 30, m).all(-1)
         assert (same | ties).all()
 

@@ -29,6 +29,10 @@ from sparsekern.reference.sparsegpt import check_blocking
 from ._outputs import new_output
 from .select import lowest_k_mask
 
+# The interpreter pays per operation and per program, not per register, so it runs big tiles: rows per sweep
+# program, and (rows, columns, inner) tiles of the lazy update. Tests shrink them to cover several programs.
+INTERPRETER_SWEEP_ROWS = 1024
+INTERPRETER_LAZY_TILES = (256, 256, 128)
 MAX_SWEEP_COLUMNS = 256  # the register tile of a program is [BLOCK_R, next_power_of_2(columns)]
 SEGMENT_COLUMNS = 128  # sweep width inside the whole-layer op
 LAZY_PRECISIONS = ("ieee", "tf32")
@@ -163,7 +167,7 @@ def _launch_sweep(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, 
     # Small row tiles on a GPU give every SM programs to run (4096 rows -> 256 programs) and keep the three
     # [rows, block] register tiles (W, Err, mask) unspilled; the interpreter pays per operation, so it takes
     # as many rows per program as it can.
-    block_r = 16 if block.is_cuda else min(1024, max(16, triton.next_power_of_2(rows)))
+    block_r = 16 if block.is_cuda else min(INTERPRETER_SWEEP_ROWS, max(16, triton.next_power_of_2(rows)))
     has_mask = prune_mask is not None and not prune_n
     prune = prune_mask.view(torch.uint8) if has_mask else mask  # unread when there is no given mask
     grid_scale = scale if bits else loss  # unread without quantization
@@ -209,9 +213,9 @@ def lazy_update(weight: torch.Tensor, err: torch.Tensor, hinv_rows: torch.Tensor
     rows, cols = weight.shape
     if rows == 0 or cols == 0:
         return
-    # GPU: 64x64 fp32 accumulator tiles, 4 warps (TF32 and FMA paths alike). The interpreter pays per program
-    # and per operation, so it takes big tiles.
-    block_m, block_n, block_k = (64, 64, 32) if weight.is_cuda else (256, 256, 128)
+    # GPU: 64x64 fp32 accumulator tiles, 4 warps (TF32 and FMA paths alike): 156 registers, no spills (ptxas,
+    # sm_90a).
+    block_m, block_n, block_k = (64, 64, 32) if weight.is_cuda else INTERPRETER_LAZY_TILES
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
     _lazy_update_kernel[grid](
         weight, weight.stride(0), weight.stride(1),

@@ -15,6 +15,11 @@ import triton
 import triton.language as tl
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The interpreter pays per operation and per program, not per register, so it runs big tiles: (output tile,
+# rows per step) for the Hessian, (columns, rows per step) for the sum of squares. Tests shrink them to cover
+# several tiles and ragged edges on small inputs.
+INTERPRETER_HESSIAN_TILES = (512, 512)
+INTERPRETER_SUMSQ_TILES = (1024, 256)
 
 
 @triton.jit
@@ -104,7 +109,11 @@ def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_
     # tiles do not spill but halve the reuse of each loaded row. To be settled by timing on an H100.
     block = min(128, max(16, triton.next_power_of_2(k)))
     block_m = 32 if x.dtype == torch.float32 else 64
-    upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreted:
+        block, block_m = INTERPRETER_HESSIAN_TILES
+        block = min(block, max(16, triton.next_power_of_2(k)))
+    upcast = x.dtype == torch.bfloat16 and interpreted
     tiles = triton.cdiv(k, block)
     _hessian_update_kernel[(tiles, tiles)](
         hessian, x, m, k, x.stride(0), x.stride(1), count / total, 2.0 / total,
@@ -164,6 +173,9 @@ def sumsq_update(sumsq: torch.Tensor, x: torch.Tensor, count: int) -> int:
     # keep the kernel at 117 registers (ptxas, sm_90a), so four programs share an SM. Rows are split so that
     # there are about four programs per SM in all (k = 4096 alone gives only 128 column tiles).
     block_k, block_m = 32, 128
+    if not x.is_cuda:
+        block_k, block_m = INTERPRETER_SUMSQ_TILES
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     column_tiles = triton.cdiv(k, block_k)
     splits = _row_splits(m, block_m, column_tiles, x.device)
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
