@@ -34,7 +34,8 @@ def case_label(row: dict) -> str:
     label = f"{row['rows']}x{row['cols']}"
     if row["op"] in ("hessian_update", "sumsq_update"):
         return f"{label} {row.get('x_dtype', '')} {row.get('precision', '')}".strip()
-    return f"{label} {row['pattern']}" + (f" w{row['wbits']}" if row["wbits"] not in ("", "0") else "")
+    label += f" {row['pattern']}" + (f" w{row['wbits']}" if row["wbits"] not in ("", "0") else "")
+    return label + (" tf32" if row.get("precision") == "tf32" else "")
 
 
 def plot(rows: list[dict], out: Path) -> Path:
