@@ -11,7 +11,9 @@ export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
-for stage in "${@:-tests prune model}"; do
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests prune model)
+for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
       TRITON_INTERPRET=0 SPARSEKERN_BACKEND=cuda timeout 540 python -m pytest -q -m gpu tests -p no:cacheprovider \
