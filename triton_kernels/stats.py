@@ -88,19 +88,13 @@ def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_
     to fp32, as the reference does). ``input_precision`` ("ieee" or "tf32") is the tl.dot precision for fp32 x
     on the GPU, for benchmarks; the op always uses the exact "ieee".
     """
-    _check(hessian, x, "hessian", dims=2)
     if input_precision not in ("ieee", "tf32"):
         raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
-    k = hessian.shape[0]
-    m = math.prod(x.shape[:-1])
-    if m == 0:
-        return count
+    x = _as_rows(hessian, x, "hessian", dims=2)
+    m, k = x.shape
     total = count + m
-    if k == 0:
+    if m == 0 or k == 0:
         return total
-    if x.dtype not in _KERNEL_DTYPES:
-        x = x.to(torch.float32)
-    x = x.reshape(m, k)  # a view when the leading dims allow it; the kernel takes any strides
     # Output tiles of 128 (64 for k <= 64, ... down to tl.dot's minimum of 16): 128 x 128 is the usual
     # tensor-core tile on an H100, large enough to reuse each loaded row 128 times and small enough that
     # k = 4096 still gives 528 upper-triangle tiles for 132 SMs. BLOCK_M (the GEMM's reduction step) of 64 half
@@ -157,17 +151,11 @@ def sumsq_update(sumsq: torch.Tensor, x: torch.Tensor, count: int) -> int:
 
     sumsq: [k] fp32 contiguous; x: [..., k] any float dtype (squared in fp32).
     """
-    _check(sumsq, x, "sumsq", dims=1)
-    k = sumsq.shape[0]
-    m = math.prod(x.shape[:-1])
-    if m == 0:
-        return count
+    x = _as_rows(sumsq, x, "sumsq", dims=1)
+    m, k = x.shape
     total = count + m
-    if k == 0:
+    if m == 0 or k == 0:
         return total
-    if x.dtype not in _KERNEL_DTYPES:
-        x = x.to(torch.float32)
-    x = x.reshape(m, k)
     # Tall-skinny x (m = 8 x 2048 rows per batch, k = 4096..28672 on the GPU) is read once: bandwidth-bound.
     # 32 columns per program is one 64-byte segment of a half row (two full 32-byte sectors); 128 rows per step
     # keep the kernel at 117 registers (ptxas, sm_90a), so four programs share an SM. Rows are split so that
@@ -196,8 +184,9 @@ def _row_splits(m: int, block_m: int, column_tiles: int, device: torch.device) -
     return max(1, min(triton.cdiv(m, 4 * block_m), programs // column_tiles))
 
 
-def _check(stat: torch.Tensor, x: torch.Tensor, name: str, dims: int) -> None:
-    """The running statistic must be fp32, contiguous, on x's device and [k] * dims for x [..., k]."""
+def _as_rows(stat: torch.Tensor, x: torch.Tensor, name: str, dims: int) -> torch.Tensor:
+    """x as [m, k] rows in a kernel dtype (a view when the leading dims allow it; the kernels take any strides),
+    after checking that the running statistic is fp32, contiguous, on x's device and [k] * dims."""
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"x must be a floating-point tensor [..., k], got {x.dtype} of shape {tuple(x.shape)}")
     expected = (x.shape[-1],) * dims
@@ -208,3 +197,6 @@ def _check(stat: torch.Tensor, x: torch.Tensor, name: str, dims: int) -> None:
                          f"(contiguous: {stat.is_contiguous()})")
     if stat.device != x.device:
         raise ValueError(f"{name} is on {stat.device} but x is on {x.device}; move them to one device")
+    if x.dtype not in _KERNEL_DTYPES:
+        x = x.to(torch.float32)
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
