@@ -31,6 +31,9 @@ _KERNEL_MODULES: dict[str, str] = {
     "sumsq_update": "stats",
     "sparsegpt_sweep": "sparsegpt_sweep",
     "sparsegpt_prune": "sparsegpt_sweep",
+    "compress_24": "sparse24",
+    "decompress_24": "sparse24",
+    "sparse24_linear": "sparse24_gemm",
 }
 
 
@@ -229,6 +232,64 @@ def _(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize
         weight.new_empty((rows, groups), dtype=dtype),
         weight.new_empty((rows, groups), dtype=dtype),
     )
+
+
+# -- 2:4 compressed weights ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::compress_24", mutates_args=())
+def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, K/2] in weight's dtype, meta [N, ceil(K/32)] int32) of a 2:4 weight [N, K] (fp32/fp16/bf16).
+
+    Raises ValueError naming the first group of 4 with more than 2 nonzeros. Format: ``reference.sparse24``."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    reference.sparse24.check_24(weight)
+    return _implementation("compress_24", weight)(weight)
+
+
+@compress_24.register_fake
+def _(weight):
+    rows, cols = weight.shape
+    return weight.new_empty((rows, cols // 2)), weight.new_empty((rows, -(-cols // 32)), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparsekern::decompress_24", mutates_args=())
+def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense weight [N, 2 * values.shape[1]] of a compressed 2:4 weight (exact round trip)."""
+    _check_compressed(values, meta)
+    return _implementation("decompress_24", values)(values, meta)
+
+
+@decompress_24.register_fake
+def _(values, meta):
+    return values.new_empty((values.shape[0], 2 * values.shape[1]))
+
+
+@torch.library.custom_op("sparsekern::sparse24_linear", mutates_args=())
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a compressed 2:4 weight W [N, K]: x [..., K] fp16/bf16 (fp32 on the reference),
+    y [..., N] in x's dtype; bias [N] or None."""
+    _check_compressed(values, meta)
+    if x.shape[-1] != 2 * values.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight takes {2 * values.shape[1]}")
+    if bias is not None and bias.shape != (values.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({values.shape[0]},)")
+    return _implementation("sparse24_linear", x)(x, values, meta, bias)
+
+
+@sparse24_linear.register_fake
+def _(x, values, meta, bias=None):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
+    if values.dim() != 2 or values.shape[1] % 2:
+        raise ValueError(f"values must be [N, K/2] with K a multiple of 4, got shape {tuple(values.shape)}")
+    words = -(-values.shape[1] // 16)
+    if meta.dtype != torch.int32 or meta.shape != (values.shape[0], words):
+        raise ValueError(f"meta must be int32 [{values.shape[0]}, {words}], got {meta.dtype} {tuple(meta.shape)}")
 
 
 # -- argument checks shared by the ops ----------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
 from .masks import nm_mask, prune_count, row_mask, tensor_mask
 from .quant import minmax_params, quantize
+from .sparse24 import compress_24, decompress_24, sparse24_linear
 from .sparsegpt import sparsegpt_prune, sparsegpt_sweep
 from .wanda import magnitude_prune, wanda_prune
 
 __all__ = [
     "NotPositiveDefiniteError",
+    "compress_24",
+    "decompress_24",
     "hessian_update",
     "hinv_cholesky",
     "magnitude_prune",
@@ -16,6 +19,7 @@ __all__ = [
     "prune_count",
     "quantize",
     "row_mask",
+    "sparse24_linear",
     "sparsegpt_prune",
     "sparsegpt_sweep",
     "sumsq_update",
