@@ -1,0 +1,133 @@
+"""``SparseLinear``: an ``nn.Linear`` whose 2:4 weight is stored compressed, and ``sparsify(model)``.
+
+The weight [N, K] is kept as ``values`` [N, K/2] and ``meta`` [N, ceil(K/32)] int32 buffers (the format of
+``sparsekern.reference.sparse24``): about 56% of the dense fp16 bytes. They are ordinary buffers, so
+``state_dict`` saves them and ``load_state_dict`` restores them. The forward pass picks an implementation by the
+number of input rows (``sparsekern.nn.dispatch``); every one of them goes through the public custom ops, so
+``torch.compile(fullgraph=True)`` traces it, and CPU tensors run the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.sparse24 import check_24
+from . import dispatch
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W 2:4-sparse and stored compressed."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if in_features % 4:
+            raise ValueError(f"in_features {in_features} is not a multiple of 4, so the layer cannot be 2:4")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device))
+        self.register_buffer("meta", torch.zeros(out_features, -(-in_features // 32), dtype=torch.int32,
+                                                 device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._semi_structured = None  # PyTorch's 2:4 tensor, built on first use by that implementation
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, name: str = "linear") -> "SparseLinear":
+        """Compress a 2:4-sparse ``nn.Linear``; raises ValueError naming ``name`` and the first dense group."""
+        weight = linear.weight.detach()
+        try:
+            check_24(weight, what=f"{name}.weight")
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
+        values, meta = ops.compress_24(weight)
+        layer.values.copy_(values)
+        layer.meta.copy_(meta)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (masked-dense weight)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
+                           dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(ops.decompress_24(self.values, self.meta))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        rules = dispatch.rules_for(x.device, self.values.dtype, self.out_features, self.in_features)
+        impl = dispatch.choose(rules, rows)
+        if impl == "triton":
+            return ops.sparse24_linear(x, self.values, self.meta, self.bias)
+        if impl == "semi_structured":
+            return nn.functional.linear(x, self._semi_structured_weight(), self.bias)
+        return nn.functional.linear(x, ops.decompress_24(self.values, self.meta).to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype))
+
+    def _semi_structured_weight(self) -> torch.Tensor:
+        if self._semi_structured is None:
+            from torch.sparse import to_sparse_semi_structured
+
+            self._semi_structured = to_sparse_semi_structured(ops.decompress_24(self.values, self.meta))
+        return self._semi_structured
+
+    def _apply(self, fn, recurse=True):
+        self._semi_structured = None  # device or dtype changes: rebuild from the buffers when needed
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"2:4 compressed {str(self.values.dtype).removeprefix('torch.')}")
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every group of 4 along the input dimension."""
+    rows, cols = weight.shape
+    return cols % 4 == 0 and bool(((weight.detach().reshape(rows, cols // 4, 4) != 0).sum(-1) <= 2).all())
+
+
+def sparsify(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | None = None) -> list[str]:
+    """Replace ``nn.Linear`` modules of ``model`` with ``SparseLinear``, in place; return the replaced names.
+
+    filter_fn(name, linear) -> bool picks the candidates; without one, every linear whose weight is 2:4 is
+    replaced and the others (embeddings, lm_head, layers left dense) are kept. A linear that filter_fn picks but
+    is not 2:4 raises ValueError naming it and its first dense group.
+    """
+    picked = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if filter_fn is None and is_24(module.weight):
+            picked.append((name, module))
+        elif filter_fn is not None and filter_fn(name, module):
+            check_24(module.weight.detach(), what=f"{name}.weight")  # before any replacement: all or nothing
+            picked.append((name, module))
+    for name, module in picked:
+        _set_submodule(model, name, SparseLinear.from_dense(module, name))
+    return [name for name, _ in picked]
+
+
+def sparsify_like(model: nn.Module, state_dict: dict) -> list[str]:
+    """Prepare a freshly built dense ``model`` to load a state_dict saved from a sparsified one: every linear
+    with ``values``/``meta`` entries in it becomes an empty ``SparseLinear`` (then call load_state_dict)."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and f"{name}.values" in state_dict:
+            values = state_dict[f"{name}.values"]
+            layer = SparseLinear(module.in_features, module.out_features, module.bias is not None, values.dtype,
+                                 module.weight.device)
+            _set_submodule(model, name, layer)
+            replaced.append(name)
+    return replaced
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,94 @@
+"""SparseLinear and sparsify: compressed 2:4 layers that compute what the masked-dense layers did."""
+
+import json
+
+import pytest
+import torch
+from checks import assert_close
+
+import sparsekern
+from sparsekern.nn import SparseLinear, dispatch, is_24, sparsify, sparsify_like
+from sparsekern.reference.masks import nm_mask
+
+
+def pruned_linear(in_features=64, out_features=24, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    with torch.no_grad():
+        linear.weight.masked_fill_(nm_mask(linear.weight.abs().float(), 2, 4), 0)
+    return linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(64, 24), (36, 5), (260, 37)])
+def test_from_dense_computes_the_masked_dense_layer(shape, bias):
+    linear = pruned_linear(*shape, bias=bias)
+    layer = SparseLinear.from_dense(linear)
+    assert layer.values.shape == (shape[1], shape[0] // 2) and layer.meta.dtype == torch.int32
+    x = torch.randn(2, 3, shape[0])
+    assert_close(layer(x), linear(x), "SparseLinear vs nn.Linear", atol=1e-5)
+    dense = layer.to_dense()
+    assert torch.equal(dense.weight, linear.weight)
+
+
+def test_non_24_layer_is_refused_by_name():
+    linear = torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=r"model.layers.3.mlp.up_proj.weight is not 2:4: row 0, columns 0..3"):
+        SparseLinear.from_dense(linear, "model.layers.3.mlp.up_proj")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SparseLinear(6, 4)
+
+
+def test_sparsify_tiny_llama_keeps_its_logits(tiny_llama):
+    calibration = torch.randint(0, 129, (2, 16), generator=torch.Generator().manual_seed(0))
+    sparsekern.prune(tiny_llama, method="magnitude", sparsity="2:4", progress=False)
+    ids = calibration[:1]
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+    replaced = sparsify(tiny_llama)
+    assert len(replaced) == 2 * 7 and all("layers" in name for name in replaced)  # lm_head is dense: kept
+    assert isinstance(tiny_llama.model.layers[0].mlp.down_proj, SparseLinear)
+    with torch.no_grad():
+        got = tiny_llama(ids).logits
+    assert_close(got, expected, "logits", atol=1e-4, rtol=1e-4)
+
+
+def test_state_dict_round_trip_and_compile():
+    model = torch.nn.Sequential(pruned_linear(64, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    sparsify(model)
+    state = model.state_dict()
+    assert {"0.values", "0.meta", "0.bias", "2.weight"} <= set(state) and "0.weight" not in state
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    assert sparsify_like(fresh, state) == ["0"]
+    fresh.load_state_dict(state)
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), model(x))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), model(x), "compiled", atol=1e-5)
+
+
+def test_sparsify_with_a_filter_names_a_dense_layer():
+    model = torch.nn.Sequential(pruned_linear(64, 24), torch.nn.Linear(24, 8))
+    with pytest.raises(ValueError, match=r"^1.weight is not 2:4"):
+        sparsify(model, filter_fn=lambda name, linear: True)
+    assert sparsify(model, filter_fn=lambda name, linear: name == "0") == ["0"]
+    assert is_24(model[0].to_dense().weight) and not is_24(model[1].weight)
+
+
+def test_dispatch_rules(tmp_path, monkeypatch):
+    assert dispatch.choose(((16, "triton"), (None, "dense")), 1) == "triton"
+    assert dispatch.choose(((16, "triton"), (None, "dense")), 17) == "dense"
+    assert dispatch.choose(((16, "triton"), (128, "semi_structured"), (None, "dense")), 64) == "semi_structured"
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"entries": [{"device": "GPU X", "dtype": "float16", "n": 8, "k": 16,
+                                              "rules": [[4, "triton"], [None, "dense"]]}]}))
+    monkeypatch.setattr(dispatch, "TABLE", table)
+    dispatch._table.cache_clear()
+    try:
+        assert dispatch._table()[("GPU X", "float16", 8, 16)] == ((4, "triton"), (None, "dense"))
+        assert dispatch.rules_for(torch.device("cpu"), torch.float16, 8, 16) == ((None, "dense"),)
+    finally:
+        dispatch._table.cache_clear()
+    shipped = json.loads(dispatch.TABLE.read_text() if dispatch.TABLE.exists() else "{}")
+    for entry in shipped.get("entries", []):
+        assert {impl for _, impl in entry["rules"]} <= set(dispatch.IMPLS)
