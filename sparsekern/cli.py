@@ -1,4 +1,5 @@
-"""``sparsekern prune|eval|generate``: prune a Hugging Face causal LM, measure it, sample from it."""
+"""``sparsekern prune|eval|generate|bench``: prune a Hugging Face causal LM, measure it, sample from it, and time
+its 2:4 layers on this GPU."""
 
 from __future__ import annotations
 
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--seed", type=int, default=0)
     _add_model_args(generate)
+
+    bench = sub.add_parser("bench", help="time 2:4 linear layers vs dense on this GPU (and tune SparseLinear)")
+    bench.add_argument("--shapes", default="7b", help="comma-separated LLaMA shape sets: 7b, 13b, 70b (default 7b)")
+    bench.add_argument("--m", default=None, help="comma-separated batch sizes (default 1,2,4,...,8192)")
+    bench.add_argument("--dtypes", default="float16", help="comma-separated: float16, bfloat16")
+    bench.add_argument("--write-table", action="store_true",
+                       help="store the measured crossovers in the installed dispatch table SparseLinear reads")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of progress lines")
     return parser
 
 
@@ -186,7 +195,26 @@ def cmd_generate(args) -> dict:
     return {"prompt": args.prompt, "completion": text}
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate}
+def cmd_bench(args) -> dict:
+    if not torch.cuda.is_available():
+        raise ValueError("bench times GPU kernels and this machine has no CUDA GPU")
+    from . import bench
+
+    try:
+        shapes = [shape for name in args.shapes.split(",") for shape in bench.SHAPES[name]]
+        m_values = [int(m) for m in args.m.split(",")] if args.m else bench.M_VALUES
+        dtypes = [getattr(torch, {"float16": "float16", "bfloat16": "bfloat16"}[d]) for d in args.dtypes.split(",")]
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"bad --shapes/--m/--dtypes value: {exc}") from None
+    rows = bench.run_gemm(shapes, m_values, dtypes, torch.device("cuda"),
+                          progress=(lambda line: None) if args.json else print)
+    entries = bench.crossover_rules(rows)
+    if args.write_table:
+        bench.write_table(entries)
+    return {"rows": rows, "dispatch": entries}
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

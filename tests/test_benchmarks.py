@@ -67,3 +67,15 @@ def test_bench_prune_model_tiny(results, interpret):
         rows = list(csv.DictReader(f))
     assert [r["impl"] for r in rows] == ["reference", "fused"]
     assert all(abs(float(r["sparsity"]) - 0.5) < 1e-3 for r in rows)
+
+
+def test_bench_e2e_tiny(results):
+    bench = load("bench_e2e")
+    assert bench.main(["--config", "tiny", "--device", "cpu", "--no-compile", "--new-tokens", "3", "--prompt", "5",
+                       "--dtype", "float32", "--repeat", "1", "--batches", "1,2"]) == 0
+    with open(results / "e2e.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["batch"]) for r in rows] == [("dense", "1"), ("dense", "2"), ("sparse", "1"),
+                                                           ("sparse", "2")]
+    assert all(float(r["decode_tokens_per_s"]) > 0 for r in rows) and rows[2]["decode_speedup"]
+    assert float(rows[2]["weights_gib"]) < float(rows[0]["weights_gib"])  # compressed 2:4 weights are smaller

@@ -1,0 +1,132 @@
+"""End to end: a 2:4-pruned LLaMA-shaped model, dense vs sparsified (SparseLinear), decode tokens/s and prefill
+time, with a static KV cache and torch.compile.
+
+    python benchmarks/bench_e2e.py                                   # LLaMA-7B shape, fp16, batch 1 and 16
+    python benchmarks/bench_e2e.py --config tiny --device cpu --no-compile --new-tokens 4 --prompt 8 --no-save
+
+Random weights (speed does not depend on the values) are pruned 2:4 by magnitude in every decoder linear, so the
+dense and sparse models compute the same function; the sparse one swaps those linears for SparseLinear
+(``sparsekern.nn.sparsify``). Decode: ``new_tokens`` greedy tokens after a ``prompt``-token prompt, timed after a
+warm-up generation (which compiles); prefill: one forward over the prompt. Rows go to results/e2e.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prune_model import CONFIGS  # noqa: E402
+from common import append_rows  # noqa: E402
+
+
+def build(config_name: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsekern.reference.masks import nm_mask
+
+    options = dict(CONFIGS[config_name])
+    if layers:
+        options["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**options, max_position_embeddings=4096)).to(dtype).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.masked_fill_(nm_mask(module.weight.abs().float(), 2, 4), 0)
+    return model
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of fn() over ``repeat`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(model, batch: int, args, device: torch.device) -> dict:
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
+    generate_options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                            pad_token_id=0)
+    if not args.no_compile:
+        generate_options["cache_implementation"] = "static"
+
+    def decode():
+        with torch.inference_mode():
+            model.generate(prompt, **generate_options)
+
+    def prefill():
+        with torch.inference_mode():
+            model(prompt)
+
+    generate_s = timed(decode, device, args.repeat)
+    prefill_s = timed(prefill, device, args.repeat)
+    # Decode throughput: the generated tokens over the generation time net of its prefill.
+    decode_s = max(generate_s - prefill_s, 1e-9)
+    return {"batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+            "decode_tokens_per_s": batch * args.new_tokens / decode_s, "prefill_ms": prefill_s * 1e3,
+            "generate_s": generate_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="7b", choices=list(CONFIGS))
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="eager forward, dynamic cache")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    from sparsekern.nn import sparsify
+
+    model = build(args.config, args.layers, getattr(torch, args.dtype), device)
+    rows = []
+    eager_forward = model.forward
+    for variant in ["dense", "sparse"]:
+        if variant == "sparse":
+            replaced = sparsify(model)
+            print(f"sparsified {len(replaced)} linears")
+        if not args.no_compile:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        weights_gib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"config": args.config, "layers": model.config.num_hidden_layers, "dtype": args.dtype,
+                   "variant": variant, "compiled": not args.no_compile, "weights_gib": weights_gib,
+                   **measure(model, batch, args, device)}
+            rows.append(row)
+            print(f"{variant:<7} batch {batch:>3}: decode {row['decode_tokens_per_s']:9.1f} tokens/s, prefill "
+                  f"{row['prefill_ms']:8.2f} ms, weights {weights_gib:.2f} GiB", flush=True)
+        model.forward = eager_forward  # the sparse variant compiles afresh over its SparseLinear modules
+    for row in rows:
+        if row["variant"] == "sparse":
+            dense = next(r for r in rows if r["variant"] == "dense" and r["batch"] == row["batch"])
+            row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            row["prefill_speedup"] = dense["prefill_ms"] / row["prefill_ms"]
+            print(f"batch {row['batch']}: decode x{row['decode_speedup']:.2f}, prefill x{row['prefill_speedup']:.2f}")
+    if not args.no_save:
+        print(f"appended {len(rows)} rows to {append_rows('e2e', rows, device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
