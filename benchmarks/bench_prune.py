@@ -8,7 +8,8 @@ Shapes are (rows, cols) = (out_features, in_features). Cases per shape: SparseGP
 2:4 + 4-bit), Wanda (50%, 2:4), magnitude 50%, the streaming Hessian update (fp32 inputs exact and TF32, bf16 and
 fp16 inputs on tensor cores; 8192 calibration tokens per update) and Wanda's sum of squares. Both implementations
 run on the same device in the same process: ``reference`` is ``sparsekern.reference`` (the loop the ops fall back
-to), ``fused`` is the ``sparsekern.triton_kernels`` launcher the ops use on a GPU.
+to), ``fused`` is the ``sparsekern.triton_kernels`` launcher the ops use on a GPU; unstructured Wanda is also
+timed as the published code does it (``sort``: a full sort of every row).
 
 Floors: the device's copy bandwidth and matmul rates are measured first; an op's floor is max(bytes it must
 move / bandwidth, GEMM flops it must do / matmul rate at its precision). Rows (median and 20/80% quantiles, floor,
@@ -98,6 +99,16 @@ def floor_ms(rates: dict, bytes_moved: float, flops: float = 0.0, precision: str
     return {"floor_ms": max(bw, compute), "floor_bw_ms": bw, "floor_flops_ms": compute}
 
 
+def wanda_by_sort(weight: torch.Tensor, act_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured Wanda as the published code does it: sort every row's scores, prune the first k."""
+    scores = weight.abs().float() * act_norm
+    k = int(weight.shape[1] * sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(scores, dim=-1, stable=True)[1][:, :k], True)
+    weight.masked_fill_(mask, 0)
+    return mask
+
+
 def cases(shape, device, dtype, rates, tokens):
     """(op, description fields, floor fields, {impl: callable}) for every case at one shape."""
     from sparsekern import reference
@@ -126,8 +137,10 @@ def cases(shape, device, dtype, rates, tokens):
         work = weight.clone()
         # Read W, write W (in place) and the bool mask. Pruning an already-pruned copy costs the same.
         floor = floor_ms(rates, rows * cols * (2 * elt + 1) + cols * 4)
-        yield "wanda_prune", {"pattern": spec, "wbits": 0}, floor, {
-            name: (lambda fn=fn, n=n, m=m: fn(work, norm, 0.5, n, m)) for name, fn in impl.items()}
+        fns = {name: (lambda fn=fn, n=n, m=m: fn(work, norm, 0.5, n, m)) for name, fn in impl.items()}
+        if not n:
+            fns["sort"] = lambda: wanda_by_sort(work, norm, 0.5)
+        yield "wanda_prune", {"pattern": spec, "wbits": 0}, floor, fns
     impl = implementations("magnitude_prune")
     work = weight.clone()
     yield "magnitude_prune", {"pattern": "0.5", "wbits": 0}, floor_ms(rates, rows * cols * (2 * elt + 1)), {
@@ -165,11 +178,15 @@ def run(shape, device, dtype, rates, repeat, tokens) -> list[dict]:
                    "dtype": str(dtype).removeprefix("torch."), **timing, **floor}
             if name == "fused" and "reference" in timings:
                 row["speedup"] = timings["reference"]["median_ms"] / timing["median_ms"]
+            if name == "fused" and "sort" in timings:
+                row["speedup_vs_sort"] = timings["sort"]["median_ms"] / timing["median_ms"]
             results.append(row)
         described = " ".join(f"{v}" for k, v in fields.items() if k in ("pattern", "x_dtype", "precision"))
         fused = timings["fused"]["median_ms"]
         reference = timings.get("reference", {}).get("median_ms")
         speedup = f"x{reference / fused:6.1f}" if reference else "       "
+        if "sort" in timings:
+            speedup += f" (x{timings['sort']['median_ms'] / fused:.1f} vs sort)"
         ref_text = f"{reference:10.2f}" if reference else f"{'-':>10}"
         print(f"{op:<16}{shape[0]:>6}x{shape[1]:<6} {described:<18} ref {ref_text} ms  fused {fused:9.3f} ms "
               f"{speedup}  floor {floor['floor_ms']:8.3f} ms ({fused / floor['floor_ms']:.1f}x floor)", flush=True)

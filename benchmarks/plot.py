@@ -1,11 +1,13 @@
-"""Plot benchmark results: per-layer time of the reference loop vs the fused kernels, with each op's floor.
+"""Plot benchmark results.
 
     python benchmarks/plot.py                      # results/prune.csv -> results/prune.png
+    python benchmarks/plot.py --kind gemm          # results/gemm.csv -> results/gemm.png
     python benchmarks/plot.py --device H100 --out /tmp/prune.png
 
-One panel per op; bars per (shape, pattern) case, log-scaled milliseconds: reference median, fused median, and
-the floor as a marker. The newest row of each (device, op, case, impl) is used. Needs matplotlib (the ``bench``
-extra).
+prune: one panel per op; bars per (shape, pattern) case, log-scaled milliseconds: reference median, fused
+median, and the floor as a marker. gemm: one panel per (device, dtype, N x K); speedup over dense cuBLAS against
+the batch size M, one line per implementation. The newest row of each case is used. Needs matplotlib (the
+``bench`` extra).
 """
 
 from __future__ import annotations
@@ -71,13 +73,52 @@ def plot(rows: list[dict], out: Path) -> Path:
     return out
 
 
+def plot_gemm(csv_path: Path, device_filter: str | None, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if not device_filter or device_filter.lower() in r["device"].lower()]
+    newest = {}
+    for row in rows:
+        newest[(row["device"], row["dtype"], row["n"], row["k"], row["m"], row["impl"])] = row
+    panels = sorted({key[:4] for key in newest})
+    if not panels:
+        raise SystemExit("no gemm rows to plot")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        impls = sorted({key[5] for key in newest if key[:4] == panel} - {"dense"})
+        for impl in impls:
+            points = sorted((int(key[4]), float(row["speedup_vs_dense"])) for key, row in newest.items()
+                            if key[:4] == panel and key[5] == impl)
+            ax.plot([m for m, _ in points], [v for _, v in points], marker="o", label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows of x)")
+        ax.set_ylabel("speedup over dense")
+        ax.set_title(f"{panel[1]} N={panel[2]} K={panel[3]} ({panel[0][:30]})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--csv", default=str(RESULTS / "prune.csv"))
+    parser.add_argument("--kind", default="prune", choices=["prune", "gemm"])
+    parser.add_argument("--csv", default=None, help="default: results/<kind>.csv")
     parser.add_argument("--device", default=None, help="only rows whose device name contains this")
-    parser.add_argument("--out", default=str(RESULTS / "prune.png"))
+    parser.add_argument("--out", default=None, help="default: results/<kind>.png")
     args = parser.parse_args(argv)
-    print(f"wrote {plot(latest_rows(Path(args.csv), args.device), Path(args.out))}")
+    csv_path = Path(args.csv or RESULTS / f"{args.kind}.csv")
+    out = Path(args.out or RESULTS / f"{args.kind}.png")
+    if args.kind == "gemm":
+        print(f"wrote {plot_gemm(csv_path, args.device, out)}")
+    else:
+        print(f"wrote {plot(latest_rows(csv_path, args.device), out)}")
     return 0
 
 
