@@ -5,7 +5,8 @@ floor beside its time.
     python benchmarks/bench_prune.py --shapes tiny --device cpu --no-save   # a smoke run (interpreter)
 
 Shapes are (rows, cols) = (out_features, in_features). Cases per shape: SparseGPT (unstructured 50%, 2:4,
-2:4 + 4-bit), Wanda (50%, 2:4), magnitude 50%, the streaming Hessian update (fp32 inputs exact and TF32, bf16 and
+2:4 + 4-bit, and 50% with the TF32 lazy update),
+Wanda (50%, 2:4), magnitude 50%, the streaming Hessian update (fp32 inputs exact and TF32, bf16 and
 fp16 inputs on tensor cores; 8192 calibration tokens per update) and Wanda's sum of squares. Both implementations
 run on the same device in the same process: ``reference`` is ``sparsekern.reference`` (the loop the ops fall back
 to), ``fused`` is the ``sparsekern.triton_kernels`` launcher the ops use on a GPU; unstructured Wanda is also
