@@ -103,3 +103,33 @@ def test_statistics(dtype):
     assert_close(h, h_ref, "hessian", atol=1e-5 * h_ref.abs().max().item(), rtol=1e-4)
     assert torch.equal(h, h.T)
     assert_close(s, s_ref, "sumsq", atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compress_decompress_24_bit_exact(dtype):
+    from sparsekern.reference.masks import nm_mask
+    from sparsekern.triton_kernels.sparse24 import compress_24, decompress_24
+
+    weight = cuda_randn(4096, 11008, seed=11, dtype=dtype)
+    weight = weight.masked_fill(nm_mask(weight.abs().float(), 2, 4), 0)
+    values, meta = compress_24(weight)
+    expected_values, expected_meta = reference.compress_24(weight)
+    assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))
+    assert torch.equal(meta, expected_meta)
+    assert torch.equal(decompress_24(values, meta).view(torch.int16), weight.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 128, 2048])
+def test_sparse24_linear_matches_dense(dtype, m):
+    from sparsekern.reference.masks import nm_mask
+    from sparsekern.triton_kernels.sparse24_gemm import sparse24_linear
+
+    weight = cuda_randn(4096, 4096, seed=12, dtype=dtype)
+    weight = weight.masked_fill(nm_mask(weight.abs().float(), 2, 4), 0)
+    values, meta = reference.compress_24(weight)
+    x, bias = cuda_randn(m, 4096, seed=13, dtype=dtype), cuda_randn(4096, seed=14, dtype=dtype)
+    expected = (x.float() @ weight.float().T + bias.float())
+    got = sparse24_linear(x, values, meta, bias)
+    relative = ((got.float() - expected).norm() / expected.norm()).item()
+    assert got.dtype == dtype and relative < (5e-3 if dtype == torch.float16 else 2e-2), relative
