@@ -269,7 +269,7 @@ def _(values, meta):
 @torch.library.custom_op("sparsekern::sparse24_linear", mutates_args=())
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for a compressed 2:4 weight W [N, K]: x [..., K] fp16/bf16 (fp32 on the reference),
+    """y = x @ W^T + bias for a compressed 2:4 weight W [N, K]: x [..., K] fp16/bf16/fp32 (fp32 accumulation),
     y [..., N] in x's dtype; bias [N] or None."""
     _check_compressed(values, meta)
     if x.shape[-1] != 2 * values.shape[1]:
