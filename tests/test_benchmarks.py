@@ -79,3 +79,25 @@ def test_bench_e2e_tiny(results):
                                                            ("sparse", "2")]
     assert all(float(r["decode_tokens_per_s"]) > 0 for r in rows) and rows[2]["decode_speedup"]
     assert float(rows[2]["weights_gib"]) < float(rows[0]["weights_gib"])  # compressed 2:4 weights are smaller
+
+
+def test_bench_gemm_rows_table_and_plot(results, interpret, tmp_path, monkeypatch):
+    from sparsekern import bench as gemm_bench
+    from sparsekern.nn import dispatch
+
+    bench = load("bench_gemm")
+    assert bench.main(["--shapes", "tiny", "--device", "cpu", "--m", "1,17", "--dtypes", "float32"]) == 0
+    with open(results / "gemm.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} >= {"dense", "triton", "dense_decompress", "dispatched"}
+    assert all(float(r["median_ms"]) > 0 and float(r["speedup_vs_dense"]) > 0 for r in rows)
+    entries = gemm_bench.crossover_rules(rows)
+    assert len(entries) == 1 and entries[0]["rules"][-1][0] is None
+    assert {impl for _, impl in entries[0]["rules"]} <= set(dispatch.IMPLS)
+    table = tmp_path / "table.json"
+    gemm_bench.write_table(entries, table)
+    gemm_bench.write_table(entries, table)  # the same key replaces, not duplicates
+    assert len(__import__("json").loads(table.read_text())["entries"]) == 1
+    out = results / "gemm.png"
+    assert load("plot").main(["--kind", "gemm", "--csv", str(results / "gemm.csv"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000

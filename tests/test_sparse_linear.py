@@ -92,3 +92,25 @@ def test_dispatch_rules(tmp_path, monkeypatch):
     shipped = json.loads(dispatch.TABLE.read_text() if dispatch.TABLE.exists() else "{}")
     for entry in shipped.get("entries", []):
         assert {impl for _, impl in entry["rules"]} <= set(dispatch.IMPLS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_path_under_the_interpreter(interpret, dtype):
+    """On the interpret backend SparseLinear runs the Triton kernels (compression and GEMM)."""
+    linear = pruned_linear(68, 37, dtype=dtype)
+    layer = SparseLinear.from_dense(linear)
+    assert dispatch.rules_for(torch.device("cpu"), dtype, 37, 68) == ((None, "triton"),)
+    x = torch.randn(3, 68).to(dtype)
+    expected = (x.float() @ linear.weight.float().T + linear.bias.float())
+    tolerance = 1e-2 if dtype == torch.float16 else 3e-2
+    assert_close(layer(x).float(), expected, "kernel SparseLinear", atol=tolerance, rtol=tolerance)
+
+
+def test_sparsified_tiny_llama_on_the_kernels(tiny_llama, interpret):
+    sparsekern.prune(tiny_llama, method="magnitude", sparsity="2:4", progress=False)
+    ids = torch.randint(0, 129, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+        sparsify(tiny_llama)
+        got = tiny_llama(ids).logits
+    assert_close(got, expected, "logits", atol=1e-4, rtol=1e-4)
