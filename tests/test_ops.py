@@ -13,7 +13,7 @@ def spd(n, seed=0):
 
 def test_ops_are_registered_under_one_namespace():
     for name in ["nm_mask", "wanda_prune", "magnitude_prune", "hessian_update", "sumsq_update", "hinv_cholesky",
-                 "sparsegpt_sweep", "sparsegpt_prune"]:
+                 "sparsegpt_sweep", "sparsegpt_prune", "compress_24", "decompress_24", "sparse24_linear"]:
         assert hasattr(torch.ops.sparsekern, name)
 
 
