@@ -101,6 +101,7 @@ LAYERS = [  # rows, cols, pattern, blocksize, bits, groupsize
     (9, 300, 0.5, 100, 4, 20),
     (9, 384, 0.5, 128, 3, 256),
     (9, 96, 0.0, 96, 3, 0),
+    (9, 512, 0.5, 256, 4, 64),  # mask blocks wider than a sweep segment: the block's mask is sliced
 ]
 
 
