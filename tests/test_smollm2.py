@@ -4,7 +4,6 @@ saved checkpoint must reload with plain transformers and give the same perplexit
 import json
 
 import pytest
-import torch
 
 import sparsekern
 from sparsekern import cli
