@@ -167,3 +167,4 @@ def write_table(entries: list[dict], path=None) -> None:
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     tmp.replace(path)
     dispatch._table.cache_clear()
+    dispatch._cuda_rules.cache_clear()

@@ -40,7 +40,13 @@ def rules_for(device: torch.device, dtype: torch.dtype, n: int, k: int) -> tuple
     """The (max_m, impl) rules for a layer of N outputs and K inputs on ``device``."""
     if device.type != "cuda":
         return ((None, "triton" if get_backend() == "interpret" else "dense"),)
-    name = torch.cuda.get_device_name(device)
+    return _cuda_rules(torch.cuda.current_device() if device.index is None else device.index, dtype, n, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_rules(index: int, dtype: torch.dtype, n: int, k: int) -> tuple:
+    """Looked up once per GPU and layer shape: every eager forward asks."""
+    name = torch.cuda.get_device_name(index)
     return _table().get((name, str(dtype).removeprefix("torch."), n, k), DEFAULT_RULES)
 
 

@@ -38,10 +38,7 @@ class SparseLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, name: str = "linear") -> "SparseLinear":
         """Compress a 2:4-sparse ``nn.Linear``; raises ValueError naming ``name`` and the first dense group."""
         weight = linear.weight.detach()
-        try:
-            check_24(weight, what=f"{name}.weight")
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        check_24(weight, what=f"{name}.weight")  # names the layer; compress_24 alone could only say "weight"
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
         values, meta = ops.compress_24(weight)
         layer.values.copy_(values)
