@@ -10,7 +10,8 @@ that [BLOCK_R, block] tile of W in registers while it walks the columns i = 0, 1
 U's rows are read from global memory (they are shared by every program, so they stay in L2). The program
 writes Q, Err (for the lazy update), the mask and the loss. Same math as ``reference.sparsegpt_sweep``.
 
-``sparsegpt_prune`` (whole layer): per ``blocksize`` block the adaptive unstructured mask is the k smallest
+``sparsegpt_prune`` (whole layer; the loop is ``reference.sparsegpt.blocked_prune``, shared with the reference,
+with these kernels plugged in): per ``blocksize`` block the adaptive unstructured mask is the k smallest
 scores of the block (``select.lowest_k_mask``: a radix select, no sort), then the block is swept in segments of
 at most 128 columns; after each segment one GEMM brings every column right of it up to date,
 W[:, i2:] -= Err @ U[i1:i2, i2:] (``_lazy_update_kernel``), in fp32 ("ieee", exact) or TF32 ("tf32").
@@ -23,8 +24,7 @@ import triton
 import triton.language as tl
 
 from sparsekern import reference
-from sparsekern.reference.masks import prune_count
-from sparsekern.reference.sparsegpt import check_blocking
+from sparsekern.reference.sparsegpt import blocked_prune, check_blocking
 
 from ._outputs import new_output
 from .select import lowest_k_mask
@@ -247,45 +247,17 @@ def sparsegpt_prune(weight, hinv_upper, sparsity, prune_n=0, prune_m=0, blocksiz
         return reference.sparsegpt_prune(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize,
                                          lazy_precision)
     rows, cols = weight.shape
-    device = weight.device
-    w_all = torch.empty((rows, cols), dtype=torch.float32, device=device)
+    w_all = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
     w_all.copy_(weight)
-    hinv = hinv_upper.to(torch.float32).contiguous()
-    diag = torch.diagonal(hinv)
-    ngroups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))
-    scales = torch.zeros(rows, ngroups, dtype=torch.float32, device=device)
-    zeros = torch.zeros_like(scales)
-    if bits and not groupsize:
-        scales[:, 0], zeros[:, 0] = reference.minmax_params(w_all, bits)
-    losses = torch.zeros(rows, dtype=torch.float32, device=device)
-    err = torch.empty(rows, width, dtype=torch.float32, device=device)
-    mask = torch.empty(rows, width, dtype=torch.bool, device=device)
-    block_mask = None
-    for i1 in range(0, cols, width):
-        i2 = min(i1 + width, cols)
-        b1 = i1 - i1 % blocksize  # the mask block this segment belongs to
-        if not prune_n and i1 == b1:
-            # Adaptive mask: chosen when a block starts, from weights with every earlier update applied.
-            b2 = min(b1 + blocksize, cols)
-            scores = w_all[:, b1:b2].square() / diag[b1:b2].square()
-            block_mask = lowest_k_mask(scores, prune_count(scores.numel(), sparsity))
-        prune_mask = None if prune_n else block_mask[:, i1 - b1 : i2 - b1]
-        sweep_groupsize = 0
-        scale = zero = None
-        if bits and not groupsize:
-            scale, zero = scales, zeros
-        elif bits and groupsize >= width:
-            # The group starts at a segment start, where every column to its right is up to date; later
-            # segments of the same group reuse its grid.
-            g = i1 // groupsize
-            if i1 % groupsize == 0:
-                scales[:, g], zeros[:, g] = reference.minmax_params(w_all[:, i1 : i1 + groupsize], bits)
-            scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
-        elif bits:
-            scale, zero = scales[:, i1 // groupsize :], zeros[:, i1 // groupsize :]
-            sweep_groupsize = groupsize
-        segment = w_all[:, i1:i2]
-        _launch_sweep(segment, hinv[i1:i2, i1:i2], prune_mask, prune_n, prune_m, bits, scale, zero, sweep_groupsize,
-                      segment, err[:, : i2 - i1], mask[:, : i2 - i1], losses, add_loss=True)
-        lazy_update(w_all[:, i2:], err[:, : i2 - i1], hinv[i1:i2, i2:], lazy_precision)
-    return w_all, losses, scales, zeros
+    err = torch.empty(rows, width, dtype=torch.float32, device=weight.device)
+    mask = torch.empty(rows, width, dtype=torch.bool, device=weight.device)
+
+    def sweep_into(segment, hinv_block, prune_mask, scale, zero, segment_groupsize, losses):
+        columns = segment.shape[1]  # the last segment may be narrower
+        _launch_sweep(segment, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, segment_groupsize,
+                      segment, err[:, :columns], mask[:, :columns], losses, add_loss=True)
+        return err[:, :columns]
+
+    return blocked_prune(w_all, hinv_upper.to(torch.float32).contiguous(), sparsity, prune_n, blocksize, bits,
+                         groupsize, width, lowest_k_mask, sweep_into,
+                         lambda rest, err, hinv_rows: lazy_update(rest, err, hinv_rows, lazy_precision))
