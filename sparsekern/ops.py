@@ -19,8 +19,9 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import _native, reference
 from .backend import backend_for
+from .reference import NotPositiveDefiniteError
 
 # op name -> module of sparsekern.triton_kernels with a launcher of that name (the reference's signature).
 _KERNEL_MODULES: dict[str, str] = {
@@ -128,20 +129,6 @@ def _(sumsq, x, count):
 
 
 # -- SparseGPT ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("sparsekern::hinv_cholesky", mutates_args=())
-def hinv_cholesky(hessian: torch.Tensor, percdamp: float, max_tries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, damp): U upper triangular with U^T U = (H + damp I)^-1, dead inputs given a unit diagonal, damp
-    escalated x10 per failed factorization (max_tries attempts). Raises NotPositiveDefiniteError."""
-    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"hessian must be square, got shape {tuple(hessian.shape)}")
-    return _implementation("hinv_cholesky", hessian)(hessian, percdamp, max_tries)
-
-
-@hinv_cholesky.register_fake
-def _(hessian, percdamp, max_tries):
-    return torch.empty_like(hessian), hessian.new_empty(())
 
 
 @torch.library.custom_op("sparsekern::sparsegpt_sweep", mutates_args=("scale", "zero"))
@@ -290,6 +277,112 @@ def _check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
     words = -(-values.shape[1] // 16)
     if meta.dtype != torch.int32 or meta.shape != (values.shape[0], words):
         raise ValueError(f"meta must be int32 [{values.shape[0]}, {words}], got {meta.dtype} {tuple(meta.shape)}")
+
+
+# -- the Cholesky family: native C++/CUDA (sparsekern._C), else the reference under the same schemas --------
+
+# Schemas of the ops csrc/registration.cpp defines; kept here too so that the fallback registers the same ones.
+_CHOLESKY_SCHEMAS = {
+    "hinv_cholesky": "hinv_cholesky(Tensor hessian, float percdamp, int max_tries) -> (Tensor, Tensor)",
+    "hinv_cholesky_": "hinv_cholesky_(Tensor(a!) hessian, float percdamp, int max_tries) -> Tensor",
+    "cholesky_update": "cholesky_update(Tensor upper, Tensor x, bool downdate) -> Tensor",
+    "cholesky_delete": "cholesky_delete(Tensor upper, Tensor index) -> (Tensor, Tensor)",
+}
+
+NATIVE = _native.load()  # True when sparsekern._C registered the Cholesky ops
+
+
+def _reference_hinv_cholesky_(hessian, percdamp, max_tries):
+    upper, damp = reference.hinv_cholesky(hessian, percdamp, max_tries)
+    hessian.copy_(upper)
+    return damp
+
+
+if not NATIVE:
+    _fallback = torch.library.Library("sparsekern", "FRAGMENT")
+    for _name, _schema in _CHOLESKY_SCHEMAS.items():
+        _fallback.define(_schema)
+        _impl = _reference_hinv_cholesky_ if _name == "hinv_cholesky_" else getattr(reference, _name)
+        for _key in ("CPU", "CUDA"):
+            _fallback.impl(_name, _impl, _key)
+
+
+@torch.library.register_fake("sparsekern::hinv_cholesky")
+def _(hessian, percdamp, max_tries):
+    return torch.empty_like(hessian), hessian.new_empty(())
+
+
+@torch.library.register_fake("sparsekern::hinv_cholesky_")
+def _(hessian, percdamp, max_tries):
+    return hessian.new_empty(())
+
+
+@torch.library.register_fake("sparsekern::cholesky_update")
+def _(upper, x, downdate):
+    return torch.empty_like(upper)
+
+
+@torch.library.register_fake("sparsekern::cholesky_delete")
+def _(upper, index):
+    n = upper.shape[-1]
+    return upper.new_empty((*upper.shape[:-2], n - 1, n - 1)), upper.new_empty((*upper.shape[:-2], n))
+
+
+def _linalg_errors(call: Callable, *args):
+    """Run a Cholesky op; the native ops raise torch.linalg.LinAlgError, which becomes NotPositiveDefiniteError."""
+    try:
+        return call(*args)
+    except NotPositiveDefiniteError:
+        raise
+    except torch.linalg.LinAlgError as exc:
+        raise NotPositiveDefiniteError(str(exc)) from None
+
+
+def _check_square(hessian: torch.Tensor) -> None:
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square, got shape {tuple(hessian.shape)}")
+    if hessian.dtype not in reference.cholesky.FLOAT_DTYPES:
+        raise ValueError(f"hessian must be float32 or float64, got {hessian.dtype}")
+
+
+def hinv_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 4
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, damp): U upper triangular with U^T U = (H + damp I)^-1, for SparseGPT's and OBC's OBS updates.
+
+    Inputs never seen (zero diagonal) get a unit diagonal; damp = percdamp * mean(diag H), x10 after each failed
+    factorization, at most ``max_tries`` attempts, then NotPositiveDefiniteError. hessian [n, n] fp32/fp64 is
+    left unchanged (see :func:`hinv_cholesky_` to reuse its memory). The native op needs one factorization and
+    one triangular inverse (the index-reversal identity) where the reference makes three O(n^3) calls.
+    """
+    _check_square(hessian)
+    return _linalg_errors(torch.ops.sparsekern.hinv_cholesky, hessian, percdamp, max_tries)
+
+
+def hinv_cholesky_(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 4) -> torch.Tensor:
+    """In-place :func:`hinv_cholesky`: overwrites ``hessian`` (contiguous) with U and returns damp. The native
+    op then needs no second n x n buffer."""
+    _check_square(hessian)
+    if not hessian.is_contiguous():
+        raise ValueError("hinv_cholesky_ needs a contiguous hessian (it is overwritten with U)")
+    return _linalg_errors(torch.ops.sparsekern.hinv_cholesky_, hessian, percdamp, max_tries)
+
+
+def cholesky_update(upper: torch.Tensor, x: torch.Tensor, downdate: bool = False) -> torch.Tensor:
+    """R' with R'^T R' = R^T R + X^T X (downdate=True: - X^T X), by Givens rotations in O(k n^2).
+
+    upper [..., n, n] upper triangular (only that triangle is read), x [..., k, n]; fp32 or fp64. A downdate
+    that would make the matrix indefinite raises NotPositiveDefiniteError naming the batch entry and column.
+    """
+    return _linalg_errors(torch.ops.sparsekern.cholesky_update, upper, x, downdate)
+
+
+def cholesky_delete(upper: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove variable ``index[b]`` from each upper factor by Givens rotations: (R' [..., n-1, n-1], dropped [..., n]).
+
+    For R the upper factor of H^-1, R' is the upper factor of (H without that input)^-1 and dropped * dropped[q]
+    is row q of H^-1: exact OBS elimination (see ``reference.cholesky.cholesky_delete``). index: int64 [...].
+    """
+    return torch.ops.sparsekern.cholesky_delete(upper, index)
 
 
 # -- argument checks shared by the ops ----------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Pure-PyTorch versions of every op: the test oracle and the CPU fallback. Masks are True where pruned."""
 
+from . import cholesky
+from .cholesky import cholesky_delete, cholesky_update
 from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
 from .masks import nm_mask, prune_count, row_mask, tensor_mask
 from .quant import minmax_params, quantize
@@ -9,6 +11,8 @@ from .wanda import magnitude_prune, wanda_prune
 
 __all__ = [
     "NotPositiveDefiniteError",
+    "cholesky_delete",
+    "cholesky_update",
     "compress_24",
     "decompress_24",
     "hessian_update",
