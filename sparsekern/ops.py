@@ -298,18 +298,21 @@ def _reference_hinv_cholesky_(hessian, percdamp, max_tries):
     return damp
 
 
-if not NATIVE:
-    _fallback = torch.library.Library("sparsekern", "FRAGMENT")
-    for _name, _schema in _CHOLESKY_SCHEMAS.items():
-        _fallback.define(_schema)
-        _impl = _reference_hinv_cholesky_ if _name == "hinv_cholesky_" else getattr(reference, _name)
-        for _key in ("CPU", "CUDA"):
-            _fallback.impl(_name, _impl, _key)
+# Without _C the schemas are defined here over the reference; with a _C built without CUDA (no toolkit at build
+# time), CUDA tensors get the reference too.
+_python_kernels = torch.library.Library("sparsekern", "FRAGMENT")
+for _name, _schema in _CHOLESKY_SCHEMAS.items():
+    if not NATIVE:
+        _python_kernels.define(_schema)
+    for _key in ("CPU", "CUDA"):
+        if not NATIVE or not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{_name}", _key):
+            _python_kernels.impl(
+                _name, _reference_hinv_cholesky_ if _name == "hinv_cholesky_" else getattr(reference, _name), _key)
 
 
 @torch.library.register_fake("sparsekern::hinv_cholesky")
 def _(hessian, percdamp, max_tries):
-    return torch.empty_like(hessian), hessian.new_empty(())
+    return hessian.new_empty(hessian.shape), hessian.new_empty(())
 
 
 @torch.library.register_fake("sparsekern::hinv_cholesky_")
@@ -319,7 +322,7 @@ def _(hessian, percdamp, max_tries):
 
 @torch.library.register_fake("sparsekern::cholesky_update")
 def _(upper, x, downdate):
-    return torch.empty_like(upper)
+    return upper.new_empty(upper.shape)
 
 
 @torch.library.register_fake("sparsekern::cholesky_delete")

@@ -13,6 +13,7 @@ def spd(n, seed=0):
 
 def test_ops_are_registered_under_one_namespace():
     for name in ["nm_mask", "wanda_prune", "magnitude_prune", "hessian_update", "sumsq_update", "hinv_cholesky",
+                 "hinv_cholesky_", "cholesky_update", "cholesky_delete",
                  "sparsegpt_sweep", "sparsegpt_prune", "compress_24", "decompress_24", "sparse24_linear"]:
         assert hasattr(torch.ops.sparsekern, name)
 
@@ -29,7 +30,7 @@ def test_opcheck_masks_and_wanda(dtype):
 def test_opcheck_statistics_and_sparsegpt():
     torch.library.opcheck(ops.hessian_update, (torch.zeros(12, 12), torch.randn(2, 7, 12), 3))
     torch.library.opcheck(ops.sumsq_update, (torch.zeros(12), torch.randn(7, 12), 0))
-    torch.library.opcheck(ops.hinv_cholesky, (spd(12), 0.01, 2))
+    torch.library.opcheck(torch.ops.sparsekern.hinv_cholesky.default, (spd(12), 0.01, 2))
     upper, _ = ops.hinv_cholesky(spd(32), 0.01, 1)
     for args in [(torch.randn(5, 32), upper, 0.5, 0, 0, 16, 0, 0), (torch.randn(5, 32), upper, 0.0, 2, 4, 16, 4, 8),
                  (torch.randn(5, 32).to(torch.bfloat16), upper, 0.5, 0, 0, 8, 3, 0)]:

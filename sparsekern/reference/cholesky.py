@@ -70,8 +70,8 @@ def cholesky_delete(upper: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
         raise ValueError("cannot delete from an empty factor")
     index = torch.as_tensor(index).reshape(-1).to(torch.long)
     if index.shape[0] != batch or index.shape != torch.Size([batch]) or (index < 0).any() or (index >= n).any():
-        raise ValueError(f"index must hold one column in [0, {n}) per batch entry {tuple(upper.shape[:-2])}, got "
-                         f"{index.tolist() if index.numel() <= 8 else tuple(index.shape)}")
+        raise ValueError(f"index must hold one column per batch entry, shape {tuple(upper.shape[:-2])}, each in "
+                         f"[0, {n}), got {index.tolist() if index.numel() <= 8 else tuple(index.shape)}")
     entries = torch.arange(batch)
     kept = torch.arange(n - 1).expand(batch, n - 1)
     kept = kept + (kept >= index[:, None]).long()  # original column of each kept column
