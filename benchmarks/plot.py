@@ -2,11 +2,13 @@
 
     python benchmarks/plot.py                      # results/prune.csv -> results/prune.png
     python benchmarks/plot.py --kind gemm          # results/gemm.csv -> results/gemm.png
+    python benchmarks/plot.py --kind cholesky      # results/cholesky.csv -> results/cholesky.png
     python benchmarks/plot.py --device H100 --out /tmp/prune.png
 
 prune: one panel per op; bars per (shape, pattern) case, log-scaled milliseconds: reference median, fused
 median, and the floor as a marker. gemm: one panel per (device, dtype, N x K); speedup over dense cuBLAS against
-the batch size M, one line per implementation. The newest row of each case is used. Needs matplotlib (the
+the batch size M, one line per implementation. cholesky: one panel per op; the op's speedup over its baseline
+(three-call, refactor) per case and device. The newest row of each case is used. Needs matplotlib (the
 ``bench`` extra).
 """
 
@@ -106,9 +108,44 @@ def plot_gemm(csv_path: Path, device_filter: str | None, out: Path) -> Path:
     return out
 
 
+def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["speedup"]  # op rows; baselines have no speedup
+                and (not device_filter or device_filter.lower() in r["device"].lower())]
+    newest = {}
+    for row in rows:
+        newest[(row["op"], row["device"], row["impl"], row["n"], row["batch"], row.get("k", ""),
+                row.get("downdate", ""))] = row  # hinv-only files lack the update columns
+    ops = sorted({key[0] for key in newest})
+    if not ops:
+        raise SystemExit("no cholesky op rows to plot")
+    widest = max(sum(key[0] == op for key in newest) for op in ops)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8, 1.1 * widest), 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        cases = [(key, row) for key, row in newest.items() if key[0] == op]
+        labels = [f"n={key[3]} B={key[4]}" + (f"\nk={key[5]} {'down' if key[6] == '1' else 'up'}" if key[5] else "")
+                  + f"\n{key[2]}\n{key[1][:14]}" for key, _ in cases]
+        ax.bar(range(len(cases)), [float(row["speedup"]) for _, row in cases], color="tab:blue")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("speedup over baseline")
+        ax.set_title(op)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(labels, fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", default="prune", choices=["prune", "gemm"])
+    parser.add_argument("--kind", default="prune", choices=["prune", "gemm", "cholesky"])
     parser.add_argument("--csv", default=None, help="default: results/<kind>.csv")
     parser.add_argument("--device", default=None, help="only rows whose device name contains this")
     parser.add_argument("--out", default=None, help="default: results/<kind>.png")
@@ -117,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or RESULTS / f"{args.kind}.png")
     if args.kind == "gemm":
         print(f"wrote {plot_gemm(csv_path, args.device, out)}")
+    elif args.kind == "cholesky":
+        print(f"wrote {plot_cholesky(csv_path, args.device, out)}")
     else:
         print(f"wrote {plot(latest_rows(csv_path, args.device), out)}")
     return 0

@@ -101,3 +101,28 @@ def test_bench_gemm_rows_table_and_plot(results, interpret, tmp_path, monkeypatc
     out = results / "gemm.png"
     assert load("plot").main(["--kind", "gemm", "--csv", str(results / "gemm.csv"), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+def test_bench_cholesky_quick_rows_and_plot(results, capsys):
+    bench = load("bench_cholesky")
+    assert bench.main(["--device", "cpu", "--quick", "--repeat", "2"]) == 0
+    with open(results / "cholesky.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    impl = bench.IMPL
+    cases = [(r["op"], r["impl"], r["n"], r["batch"], r["k"], r["downdate"]) for r in rows]
+    expected = [(op, i, str(n), "1", "", "") for n in (64, 96) for op, i in bench.HINV]
+    for n, batch in ((64, 4), (96, 2)):
+        expected += [("cholesky_update", i, str(n), str(batch), str(k), d) for k in (1, 4) for d in ("0", "1")
+                     for i in ("refactor", impl)]
+        expected += [("cholesky_delete", i, str(n), str(batch), "", "") for i in ("refactor", impl)]
+    assert cases == expected
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and float(row["rel_err"]) < 1e-4
+        assert row["device"] and row["commit"] and row["date"] and row["torch"]
+        assert (row["speedup"] != "") == (row["impl"] == impl)
+        if row["op"].startswith("hinv"):
+            assert int(row["peak_extra_bytes"]) >= 0
+    assert capsys.readouterr().out.count("\n") == len(rows) + 2  # header, one line per row, "appended"
+    out = results / "cholesky.png"
+    assert load("plot").main(["--kind", "cholesky", "--csv", str(results / "cholesky.csv"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
