@@ -76,10 +76,13 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
 
-    method: "sparsegpt", "wanda" or "magnitude". sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
+    method: "sparsegpt", "wanda", "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality
+        ceiling for SparseGPT that costs O(rows * k * n^2) per linear, for small models and layers only).
+    sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
     calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
         into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
-    wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping).
+    wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping);
+        OBC takes percdamp and hessian_dtype.
     lazy_precision: SparseGPT's lazy-update GEMM, "ieee" (fp32, default) or "tf32" (tensor cores).
     hessian_dtype: cast calibration inputs to "bfloat16"/"float16"/"float32" before the Hessian accumulates them
         (fp32 accumulation either way); default: as the model produces them.
@@ -91,7 +94,7 @@ def prune(
     start = time.perf_counter()
     pattern = SparsityPattern.parse(sparsity)
     algorithm = make_method(method, wbits=wbits, groupsize=groupsize, blocksize=blocksize, percdamp=percdamp,
-                            lazy_precision=lazy_precision, hessian_dtype=hessian_dtype)
+                            lazy_precision=lazy_precision, hessian_dtype=hessian_dtype, progress=progress)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None

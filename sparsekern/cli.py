@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model one layer at a time and save a Hugging Face checkpoint")
     prune.add_argument("model", help="a local Hugging Face folder, or an alias such as smollm2-135m")
-    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude", "obc"],
+                       help="sparsegpt (default), wanda, magnitude, or obc: exact greedy OBS per row, a quality "
+                            "ceiling for SparseGPT that costs O(rows * k * n^2) per linear (k pruned of n inputs): "
+                            "for small models only")
     prune.add_argument("--sparsity", default="0.5", help="a ratio such as 0.5, or N:M such as 2:4 (default 0.5)")
     prune.add_argument("--calib", default="lee",
                        help="calibration text: lee (built in), wikitext2, c4, ptb, or a .txt/.jsonl path")
@@ -45,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--groupsize", type=int, default=None, help="SparseGPT: quantization group size")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per sweep block (128)")
     prune.add_argument("--percdamp", type=float, default=None,
-                       help="SparseGPT: Hessian damping as a fraction of its mean diagonal (0.01)")
+                       help="SparseGPT, OBC: Hessian damping as a fraction of its mean diagonal (0.01)")
     prune.add_argument("--lazy-precision", default=None, choices=["ieee", "tf32"],
                        help="SparseGPT: precision of the lazy-update GEMM (default ieee, i.e. fp32)")
     prune.add_argument("--hessian-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                       help="SparseGPT: cast calibration inputs before accumulating the Hessian in fp32 "
+                       help="SparseGPT, OBC: cast calibration inputs before accumulating the Hessian in fp32 "
                             "(default: as the model produces them)")
     prune.add_argument("--true-sequential", action="store_true",
                        help="prune each layer's input groups in order, re-collecting statistics in between")

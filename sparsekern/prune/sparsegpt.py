@@ -25,41 +25,24 @@ class Prepared:
     damp: float
 
 
-class SparseGPT(Method):
-    name = "sparsegpt"
+class HessianMethod(Method):
+    """What SparseGPT and OBC share: the Hessian statistics and the damped inverse-Hessian factor built from it."""
+
     stats = HessianStats
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, wbits: int = 0, groupsize: int = 0,
-                 max_damp_tries: int = 4, lazy_precision: str = "ieee", hessian_dtype: str | None = None):
-        if blocksize <= 0:
-            raise ValueError(f"blocksize must be positive, got {blocksize}")
+    def __init__(self, percdamp: float = 0.01, max_damp_tries: int = 4, hessian_dtype: str | None = None):
         if not percdamp > 0:
             raise ValueError(f"percdamp must be positive, got {percdamp}")
-        if wbits and not 1 <= wbits <= 16:
-            raise ValueError(f"wbits must be between 1 and 16 (or 0 for no quantization), got {wbits}")
-        if groupsize and not wbits:
-            raise ValueError("groupsize only applies with quantization: pass wbits too")
-        if wbits and groupsize and blocksize % groupsize and groupsize % blocksize:
-            raise ValueError(
-                f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it "
-                f"(e.g. --groupsize {blocksize})"
-            )
-        if lazy_precision not in LAZY_PRECISIONS:
-            raise ValueError(f"lazy_precision must be one of {', '.join(LAZY_PRECISIONS)}, got {lazy_precision!r}")
         if hessian_dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype must be one of {', '.join(HESSIAN_DTYPES)}, got {hessian_dtype!r}")
-        self.blocksize, self.percdamp, self.wbits, self.groupsize = blocksize, percdamp, wbits, groupsize
-        self.max_damp_tries = max_damp_tries
-        self.lazy_precision, self.hessian_dtype = lazy_precision, hessian_dtype
+        self.percdamp, self.max_damp_tries, self.hessian_dtype = percdamp, max_damp_tries, hessian_dtype
 
     def new_stats(self, columns, device, where):
         input_dtype = None if self.hessian_dtype is None else getattr(torch, self.hessian_dtype)
         return HessianStats(columns, device, where, input_dtype)
 
     def options(self):
-        return {"blocksize": self.blocksize, "percdamp": self.percdamp, "wbits": self.wbits,
-                "groupsize": self.groupsize, "lazy_precision": self.lazy_precision,
-                "hessian_dtype": self.hessian_dtype}
+        return {"percdamp": self.percdamp, "hessian_dtype": self.hessian_dtype}
 
     def prepare(self, stats: HessianStats, where: str) -> Prepared:
         hessian = stats.hessian
@@ -83,6 +66,33 @@ class SparseGPT(Method):
                 stacklevel=2,
             )
         return Prepared(upper, dead, damp)
+
+
+class SparseGPT(HessianMethod):
+    name = "sparsegpt"
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, wbits: int = 0, groupsize: int = 0,
+                 max_damp_tries: int = 4, lazy_precision: str = "ieee", hessian_dtype: str | None = None):
+        super().__init__(percdamp, max_damp_tries, hessian_dtype)
+        if blocksize <= 0:
+            raise ValueError(f"blocksize must be positive, got {blocksize}")
+        if wbits and not 1 <= wbits <= 16:
+            raise ValueError(f"wbits must be between 1 and 16 (or 0 for no quantization), got {wbits}")
+        if groupsize and not wbits:
+            raise ValueError("groupsize only applies with quantization: pass wbits too")
+        if wbits and groupsize and blocksize % groupsize and groupsize % blocksize:
+            raise ValueError(
+                f"groupsize {groupsize} must divide blocksize {blocksize} or be a multiple of it "
+                f"(e.g. --groupsize {blocksize})"
+            )
+        if lazy_precision not in LAZY_PRECISIONS:
+            raise ValueError(f"lazy_precision must be one of {', '.join(LAZY_PRECISIONS)}, got {lazy_precision!r}")
+        self.blocksize, self.wbits, self.groupsize, self.lazy_precision = blocksize, wbits, groupsize, lazy_precision
+
+    def options(self):
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp, "wbits": self.wbits,
+                "groupsize": self.groupsize, "lazy_precision": self.lazy_precision,
+                "hessian_dtype": self.hessian_dtype}
 
     def validate(self, pattern, where):
         if pattern.is_nm and self.blocksize % pattern.m:
