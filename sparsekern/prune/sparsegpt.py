@@ -45,14 +45,16 @@ class HessianMethod(Method):
         return {"percdamp": self.percdamp, "hessian_dtype": self.hessian_dtype}
 
     def prepare(self, stats: HessianStats, where: str) -> Prepared:
-        hessian = stats.hessian
+        """The damped inverse-Hessian factor. Consumes ``stats``: its Hessian's buffer becomes U (in place, so a
+        layer needs one n x n buffer, not two), and the statistic is not used again."""
+        hessian = stats.hessian.contiguous()
         if not torch.isfinite(hessian).all():
             raise FloatingPointError(f"{where}: the Hessian of the calibration inputs has NaN or Inf entries")
         diag = torch.diagonal(hessian)
         dead = diag == 0
         first_damp = self.percdamp * torch.where(dead, torch.ones_like(diag), diag).mean().item()
         try:
-            upper, damp = ops.hinv_cholesky(hessian, self.percdamp, self.max_damp_tries)
+            damp = ops.hinv_cholesky_(hessian, self.percdamp, self.max_damp_tries)
         except NotPositiveDefiniteError as exc:
             raise NotPositiveDefiniteError(
                 f"{where}: Hessian {exc}; raise --percdamp (now {self.percdamp}) or use more calibration "
@@ -65,7 +67,7 @@ class HessianMethod(Method):
                 f"used {damp:.3g} (x{damp / first_damp:.0f}). Consider more calibration samples.",
                 stacklevel=2,
             )
-        return Prepared(upper, dead, damp)
+        return Prepared(hessian, dead, damp)
 
 
 class SparseGPT(HessianMethod):
