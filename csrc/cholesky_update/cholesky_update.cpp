@@ -26,10 +26,11 @@ std::tuple<at::Tensor, at::Tensor> cholesky_update_operands(const at::Tensor& up
   return {r, rows};
 }
 
-void cholesky_downdate_failed(int64_t entry, int64_t code, int64_t n) {
-  TORCH_CHECK_LINALG(false, "cholesky_update: the downdate by row ", code / n,
-                     " of x makes the matrix indefinite at batch entry ", entry, ", column ", code % n);
-  __builtin_unreachable();
+void check_downdates(const int64_t* codes, int64_t batch, int64_t n) {
+  for (int64_t e = 0; e < batch; ++e) {
+    TORCH_CHECK_LINALG(codes[e] < 0, "cholesky_update: the downdate by row ", codes[e] / n,
+                       " of x makes the matrix indefinite at batch entry ", e, ", column ", codes[e] % n);
+  }
 }
 
 namespace {
@@ -72,8 +73,7 @@ at::Tensor cholesky_update_cpu(const at::Tensor& upper, const at::Tensor& x, boo
         failure[e] = update_entry(r_data + e * n * n, x_data + e * k * n, n, k, downdate);
     });
   });
-  for (int64_t e = 0; e < batch; ++e)
-    if (failure[e] >= 0) cholesky_downdate_failed(e, failure[e], n);
+  check_downdates(failure.data(), batch, n);
   return r.reshape(upper.sizes());
 }
 

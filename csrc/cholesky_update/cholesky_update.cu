@@ -69,10 +69,8 @@ at::Tensor cholesky_update_cuda(const at::Tensor& upper, const at::Tensor& x, bo
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (downdate) {
-      const auto failed = failure.cpu();
-      const auto* codes = failed.data_ptr<int64_t>();
-      for (int64_t e = 0; e < batch; ++e)
-        if (codes[e] >= 0) cholesky_downdate_failed(e, codes[e], n);
+      const auto codes = failure.cpu();  // waits for the kernel
+      check_downdates(codes.data_ptr<int64_t>(), batch, n);
     }
   }
   return r.reshape(upper.sizes());

@@ -10,7 +10,8 @@ namespace sparsekern {
 // Checks the arguments and returns (R, X): contiguous [batch, n, n] / [batch, k, n] working copies.
 std::tuple<at::Tensor, at::Tensor> cholesky_update_operands(const at::Tensor& upper, const at::Tensor& x);
 
-// Raises the LinAlgError of a downdate that failed at `code` = row * n + column of batch entry `entry`.
-[[noreturn]] void cholesky_downdate_failed(int64_t entry, int64_t code, int64_t n);
+// codes[e]: -1, or row * n + column where batch entry e's downdate lost positive definiteness. Raises the
+// LinAlgError naming the first failed entry, if any.
+void check_downdates(const int64_t* codes, int64_t batch, int64_t n);
 
 }  // namespace sparsekern
