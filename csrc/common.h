@@ -3,6 +3,13 @@
 
 #include <ATen/core/Tensor.h>
 
+// Arithmetic shared by a CPU loop and a CUDA kernel is written once, callable from both.
+#ifdef __CUDACC__
+#define SPARSEKERN_HOST_DEVICE __host__ __device__
+#else
+#define SPARSEKERN_HOST_DEVICE
+#endif
+
 namespace sparsekern {
 
 // A contiguous [batch, n, n] copy of the upper triangle of `upper` ([..., n, n], float32/float64): the kernels

@@ -8,11 +8,7 @@
 
 #include <cmath>
 
-#ifdef __CUDACC__
-#define SPARSEKERN_HOST_DEVICE __host__ __device__
-#else
-#define SPARSEKERN_HOST_DEVICE
-#endif
+#include "../common.h"
 
 namespace sparsekern {
 

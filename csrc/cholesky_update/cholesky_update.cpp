@@ -35,26 +35,23 @@ void check_downdates(const int64_t* codes, int64_t batch, int64_t n) {
 
 namespace {
 
-// One batch entry: r [n, n] upper (row-major), x [k, n] consumed. Returns -1, or row * n + column of the first
-// downdate step whose new diagonal would not be positive.
+// One batch entry: r [n, n] upper (row-major), x [k, n] consumed. Returns -1, or row * n + column of a downdate
+// step whose new diagonal would not be positive.
+//
+// Column by column, each row of x in turn: the same rotations as k rank-1 sweeps one after another (step (t, j)
+// needs R[j, j] after rows < t, and x[t, j] after columns < j, as both orders provide), but row j of R is read
+// from memory once rather than k times.
 template <typename scalar_t>
 int64_t update_entry(scalar_t* r, scalar_t* x, int64_t n, int64_t k, bool downdate) {
   const scalar_t sign = downdate ? -1 : 1;
-  for (int64_t t = 0; t < k; ++t) {
-    scalar_t* v = x + t * n;
-    for (int64_t j = 0; j < n; ++j) {
-      scalar_t* row = r + j * n;
-      const scalar_t d = row[j], a = v[j];
-      const scalar_t squared = d * d + sign * a * a;
-      if (downdate && !(squared > 0)) return t * n + j;
-      const scalar_t diag = std::sqrt(squared);
-      const scalar_t c = diag / d, s = a / d;
-      row[j] = diag;
-      for (int64_t i = j + 1; i < n; ++i) {
-        const scalar_t updated = (row[i] + sign * s * v[i]) / c;
-        row[i] = updated;
-        v[i] = c * v[i] - s * updated;
-      }
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t* __restrict__ row = r + j * n;  // never x's memory: lets the compiler vectorize the loop below
+    for (int64_t t = 0; t < k; ++t) {
+      scalar_t* __restrict__ v = x + t * n;
+      Rotation<scalar_t> rotation;
+      if (!rotation.make(row[j], v[j], sign) && downdate) return t * n + j;
+      row[j] = rotation.diag;
+      for (int64_t i = j + 1; i < n; ++i) rotation.apply(row[i], v[i]);
     }
   }
   return -1;

@@ -1,7 +1,8 @@
 // sparsekern::cholesky_update, CUDA: one thread block per batch entry. Row j of R and the columns of x to its
-// right are spread over the threads (thread t owns the columns i = t mod blockDim); step j's rotation (c, s)
-// is computed by the owner of column j, which is also the last thread to have written x[j], and broadcast
-// through shared memory: one barrier per step. Same arithmetic as the CPU kernel (cholesky_update.cpp).
+// right are spread over the threads (a thread owns the columns i = threadIdx.x mod blockDim); the rotation of
+// step (column j, row t of x) is made by the owner of column j, which is also the last thread to have written
+// R[j, j] and x[t, j], and broadcast through shared memory: one barrier per step. Same order and arithmetic
+// (Rotation, cholesky_update.h) as the CPU kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
@@ -25,33 +26,22 @@ __global__ void cholesky_update_kernel(scalar_t* __restrict__ r_all, scalar_t* _
   scalar_t* x = x_all + entry * k * n;
   const scalar_t sign = downdate ? -1 : 1;
   // Two slots, alternating by step, so a step's owner never overwrites what a slower thread still has to read.
-  __shared__ scalar_t rotation[2][2];
-  for (int64_t t = 0; t < k; ++t) {
-    scalar_t* v = x + t * n;
-    for (int64_t j = 0; j < n; ++j) {
-      const int slot = (t * n + j) & 1;
-      scalar_t* row = r + j * n;
+  __shared__ Rotation<scalar_t> rotations[2];
+  for (int64_t j = 0; j < n; ++j) {  // the CPU kernel's order: column by column, each row of x in turn
+    scalar_t* row = r + j * n;
+    for (int64_t t = 0; t < k; ++t) {
+      const int slot = (j * k + t) & 1;
+      scalar_t* v = x + t * n;
       if (threadIdx.x == j % kThreads) {
-        const scalar_t d = row[j], a = v[j];
-        scalar_t squared = d * d + sign * a * a;
-        if (downdate && !(squared > 0)) {
-          if (failure[entry] < 0) failure[entry] = t * n + j;
-          squared = NAN;  // the host raises; the rest of this entry is garbage
-        }
-        const scalar_t diag = sqrt(squared);
-        rotation[slot][0] = diag / d;
-        rotation[slot][1] = a / d;
-        row[j] = diag;
+        // A failed downdate goes on with NaN (sqrt of a negative); the host raises after the kernel.
+        if (!rotations[slot].make(row[j], v[j], sign) && downdate && failure[entry] < 0) failure[entry] = t * n + j;
+        row[j] = rotations[slot].diag;
       }
       __syncthreads();
-      const scalar_t c = rotation[slot][0], s = rotation[slot][1];
+      const Rotation<scalar_t> rotation = rotations[slot];
       // The first column > j this thread owns.
       const int64_t first = j + 1 + ((threadIdx.x - (j + 1) % kThreads) + kThreads) % kThreads;
-      for (int64_t i = first; i < n; i += kThreads) {
-        const scalar_t updated = (row[i] + sign * s * v[i]) / c;
-        row[i] = updated;
-        v[i] = c * v[i] - s * updated;
-      }
+      for (int64_t i = first; i < n; i += kThreads) rotation.apply(row[i], v[i]);
     }
   }
 }

@@ -47,9 +47,9 @@ def cholesky_update(upper: torch.Tensor, x: torch.Tensor, downdate: bool) -> tor
                     f"cholesky_update: the downdate by row {t} of x makes the matrix indefinite at batch entry "
                     f"{entry}, column {j}")
             diag = squared.sqrt()
-            c, s = (diag / d)[:, None], (a / d)[:, None]
+            c, s, inverse_c = (diag / d)[:, None], (a / d)[:, None], (d / diag)[:, None]
             r[:, j, j] = diag
-            new_row = (r[:, j, j + 1:] + sign * s * v[:, j + 1:]) / c
+            new_row = (r[:, j, j + 1:] + sign * s * v[:, j + 1:]) * inverse_c
             r[:, j, j + 1:] = new_row
             v[:, j + 1:] = c * v[:, j + 1:] - s * new_row
     return r.reshape(upper.shape)
