@@ -5,7 +5,8 @@ else. Each op dispatches by backend (``sparsekern.backend``) to a compiled or in
 op, or the pure-PyTorch reference in ``sparsekern.reference``. ``_KERNEL_MODULES`` names the module of
 ``sparsekern.triton_kernels`` that holds each op's launcher (same name, same signature as the reference); it is
 imported on first use, so Triton is only loaded once a kernel backend is chosen. An op with no kernel, or a
-tensor the active backend cannot run on, runs the reference.
+tensor the active backend cannot run on, runs the reference. The Cholesky family (hinv_cholesky, cholesky_update,
+cholesky_delete) is native C++/CUDA from ``sparsekern._C`` on every backend when it is built, else the reference.
 
 Conventions: weights are [rows, cols] = [out_features, in_features]; masks are bool, True where pruned; N:M
 arguments are ``prune_n`` zeros in every ``prune_m`` consecutive inputs (``prune_n = 0``: unstructured).

@@ -42,7 +42,8 @@ def hinv_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int 
     Dead inputs (zero diagonal) get a unit diagonal; damp = percdamp * mean(diag H), multiplied by 10 after each
     failed factorization, at most ``max_tries`` attempts. Returns (U, damp) with damp a 0-dim tensor; raises
     NotPositiveDefiniteError when every attempt fails. The three-call sequence of the published code
-    (Cholesky, inverse from Cholesky, Cholesky again); the native op of a later issue does it with fewer flops.
+    (Cholesky, inverse from Cholesky, Cholesky again); the native op (csrc/hinv_cholesky) needs one factorization
+    and one triangular inverse, in place.
     """
     h = hessian.clone()
     diag = torch.diagonal(h)
