@@ -132,3 +132,16 @@ def test_cuda_matches_cpu(n):
     expected, expected_damp = ops.hinv_cholesky(hessian, 0.01, 2)
     torch.testing.assert_close(upper.cpu(), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(damp.cpu(), expected_damp)
+
+
+@pytest.mark.gpu
+@native
+def test_cuda_stays_fp32_accurate_when_the_process_allows_tf32():
+    hessian = random_hessian(2000, seed=7)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        upper, damp = ops.hinv_cholesky(hessian.float().cuda(), 0.01, 1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert inverse_error(upper.cpu(), hessian, damp.cpu()) < 1e-5

@@ -13,6 +13,7 @@
 // Everything is ATen on views (GEMMs for the bulk, LAPACK/cuSOLVER on b x b diagonal blocks), so the same code
 // runs on CPU and CUDA; extra memory is O(n b), not O(n^2).
 #include <ATen/core/Tensor.h>
+#include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/eye.h>
@@ -144,6 +145,10 @@ at::Tensor hinv_cholesky_inplace(at::Tensor hessian, double percdamp, int64_t ma
   check_hessian(hessian, "hinv_cholesky_");
   TORCH_CHECK(hessian.is_contiguous(), "hinv_cholesky_: hessian must be contiguous (it is overwritten with U)");
   auto& h = hessian;
+  // The bulk of the work is fp32 GEMMs: where a process lets fp32 matmuls use TF32 (allow_tf32,
+  // set_float32_matmul_precision("high"), common in LLM scripts), U would be ~1e-3 accurate instead of ~1e-7.
+  // ATen's own linear algebra opts out the same way (thread-local; the caller's settings are untouched).
+  const at::NoTF32Guard full_precision;
   const int64_t b = block_size_for(h);
   auto diag = h.diagonal();
   diag.masked_fill_(diag == 0, 1);  // inputs never active: a unit diagonal keeps H invertible
