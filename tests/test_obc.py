@@ -189,7 +189,7 @@ def test_real_smollm2_inputs_below_sparsegpt(smollm2_k_proj, spec):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
 def test_real_smollm2_k_proj_below_sparsegpt(smollm2_k_proj, spec):
-    """The whole 192 x 576 k_proj (about 50 s each with the native cholesky_delete on 2 cores, 210 s without)."""
+    """The whole 192 x 576 k_proj (about 27 s each with the native cholesky_delete on 2 cores)."""
     weight, x = smollm2_k_proj
     check_real_layer(weight, x, spec)
 

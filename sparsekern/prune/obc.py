@@ -26,8 +26,12 @@ from .sparsegpt import HessianMethod, Prepared
 # Layers whose rows * k * n^2 exceeds this get the cost warning (once per run) and a progress bar: about a
 # second's work for the reference ops on two CPU cores.
 EXPENSIVE = 1e9
-# Memory for the per-row factors of one chunk (the op's input and output: 2 * rows * n^2 elements).
-FACTOR_BYTES = 1 << 30
+# Bytes of one chunk's per-row factors. Each step's cholesky_delete allocates a new factor: on the GPU the caching
+# allocator reuses it, so chunks are large; on the CPU an allocation past glibc's mmap threshold (at most 32 MiB)
+# is fresh pages every step, and the page faults cost more than the rotations (64 rows x 576 inputs at 50%, 2 CPU
+# cores: 19.6 s as one 85 MiB chunk, 8.6 s in chunks of 12 rows, 16 MiB). Without sparsekern._C the reference
+# op's Python loop runs once per chunk, so there few large chunks win (the same layer: 86 s vs 140 s).
+FACTOR_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20, "reference": 1 << 30}
 
 
 class OBC(HessianMethod):
@@ -60,7 +64,8 @@ class OBC(HessianMethod):
                 "small models and layers, and as a quality ceiling for SparseGPT (--method sparsegpt)",
                 stacklevel=2,
             )
-        chunk = self.rows_per_batch or max(1, FACTOR_BYTES // (2 * n * n * upper.element_size()))
+        budget = FACTOR_BYTES["cuda" if weight.device.type == "cuda" else "cpu" if ops.NATIVE else "reference"]
+        chunk = self.rows_per_batch or max(1, budget // (n * n * upper.element_size()))
         loss = 0.0
         with tqdm(total=k * -(-rows // chunk), desc=f"obc {where}", unit="step", leave=False,
                   disable=not (self.progress and expensive)) as bar:
