@@ -91,7 +91,7 @@ def test_bad_indices_are_refused(delete):
     upper = torch.eye(4).expand(2, 4, 4)
     for index, message in [(torch.tensor([0, 4]), r"\[0, 4\)"), (torch.tensor([-1, 0]), r"\[0, 4\)"),
                            (torch.tensor([0, 1, 2]), "one column per batch entry")]:
-        with pytest.raises((ValueError, RuntimeError), match=message):
+        with pytest.raises(ValueError, match=message):
             delete(upper, index)
 
 

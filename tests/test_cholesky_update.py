@@ -65,9 +65,9 @@ def test_native_matches_reference_closely():
 
 
 def test_shapes_are_checked():
-    with pytest.raises(Exception, match=r"x must be \[\.\.\., k, 4\]"):
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., k, 4\]"):
         ops.cholesky_update(torch.eye(4), torch.randn(2, 5), False)
-    with pytest.raises(Exception, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float32 or float64"):
         ops.cholesky_update(torch.eye(4, dtype=torch.float16), torch.randn(2, 4).half(), False)
 
 
