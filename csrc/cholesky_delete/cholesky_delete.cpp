@@ -19,14 +19,14 @@ DeleteBuffers cholesky_delete_buffers(const at::Tensor& upper, const at::Tensor&
   const int64_t batch = r.size(0), n = r.size(2);
   TORCH_CHECK_VALUE(n >= 1, "cholesky_delete: cannot delete from an empty factor");
   TORCH_CHECK_VALUE(!at::isFloatingType(index.scalar_type()) && index.scalar_type() != at::kBool,
-              "cholesky_delete: index must be an integer tensor, got ", index.scalar_type());
+                    "cholesky_delete: index must be an integer tensor, got ", index.scalar_type());
   TORCH_CHECK_VALUE(index.sizes() == upper.sizes().slice(0, upper.dim() - 2),
-              "cholesky_delete: index must hold one column per batch entry, shape ",
-              upper.sizes().slice(0, upper.dim() - 2), ", got ", index.sizes());
+                    "cholesky_delete: index must hold one column per batch entry, shape ",
+                    upper.sizes().slice(0, upper.dim() - 2), ", got ", index.sizes());
   auto columns = index.to(r.device(), at::kLong).reshape({batch}).contiguous();
   if (batch > 0) {
     TORCH_CHECK_VALUE(columns.min().item<int64_t>() >= 0 && columns.max().item<int64_t>() < n,
-                "cholesky_delete: index must lie in [0, ", n, ")");
+                      "cholesky_delete: index must lie in [0, ", n, ")");
   }
   return {r, columns, at::empty({batch, n - 1, n - 1}, r.options()), at::empty({batch, n}, r.options()),
           at::empty({batch, n - 1}, r.options())};

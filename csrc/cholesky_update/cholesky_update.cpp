@@ -18,10 +18,11 @@ std::tuple<at::Tensor, at::Tensor> cholesky_update_operands(const at::Tensor& up
   auto r = batched_upper_copy(upper, "cholesky_update");
   const int64_t n = upper.size(-1);
   TORCH_CHECK_VALUE(x.dim() == upper.dim() && x.size(-1) == n &&
-                  x.sizes().slice(0, x.dim() - 2) == upper.sizes().slice(0, upper.dim() - 2),
-              "cholesky_update: x must be [..., k, ", n, "] with the batch shape of upper ", upper.sizes(), ", got ",
-              x.sizes());
-  TORCH_CHECK_VALUE(x.device() == upper.device(), "cholesky_update: x is on ", x.device(), ", upper on ", upper.device());
+                        x.sizes().slice(0, x.dim() - 2) == upper.sizes().slice(0, upper.dim() - 2),
+                    "cholesky_update: x must be [..., k, ", n, "] with the batch shape of upper ", upper.sizes(),
+                    ", got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == upper.device(), "cholesky_update: x is on ", x.device(), ", upper on ",
+                    upper.device());
   auto rows = x.reshape({r.size(0), -1, n}).to(r.scalar_type()).clone(at::MemoryFormat::Contiguous);
   return {r, rows};
 }

@@ -135,15 +135,16 @@ void invert_lower_in_place(at::Tensor& a, int64_t b) {
 }
 
 void check_hessian(const at::Tensor& hessian, const char* op) {
-  TORCH_CHECK_VALUE(hessian.dim() == 2 && hessian.size(0) == hessian.size(1), op, ": hessian must be square, got shape ",
-              hessian.sizes());
+  TORCH_CHECK_VALUE(hessian.dim() == 2 && hessian.size(0) == hessian.size(1), op,
+                    ": hessian must be square, got shape ", hessian.sizes());
   TORCH_CHECK_VALUE(hessian.scalar_type() == at::kFloat || hessian.scalar_type() == at::kDouble, op,
-              ": hessian must be float32 or float64, got ", hessian.scalar_type());
+                    ": hessian must be float32 or float64, got ", hessian.scalar_type());
 }
 
 at::Tensor hinv_cholesky_inplace(at::Tensor hessian, double percdamp, int64_t max_tries) {
   check_hessian(hessian, "hinv_cholesky_");
-  TORCH_CHECK_VALUE(hessian.is_contiguous(), "hinv_cholesky_: hessian must be contiguous (it is overwritten with U)");
+  TORCH_CHECK_VALUE(hessian.is_contiguous(),
+                    "hinv_cholesky_: hessian must be contiguous (it is overwritten with U)");
   auto& h = hessian;
   // The bulk of the work is fp32 GEMMs: where a process lets fp32 matmuls use TF32 (allow_tf32,
   // set_float32_matmul_precision("high"), common in LLM scripts), U would be ~1e-3 accurate instead of ~1e-7.
