@@ -21,17 +21,39 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def latest_rows(path: Path, device_filter: str | None) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("impl")]  # rows from before the reference/fused split lack it
-    if device_filter:
-        rows = [r for r in rows if device_filter.lower() in r["device"].lower()]
+def newest_rows(path: Path, device_filter: str | None, key, keep=lambda row: True) -> dict:
+    """{key(row): row} over the rows ``keep`` accepts whose device contains ``device_filter``; later rows win."""
     newest = {}
-    for row in rows:  # later rows win
-        key = (row["device"], row["op"], row["rows"], row["cols"], row["pattern"], row["wbits"],
-               row.get("x_dtype", ""), row.get("precision", ""), row["impl"])
-        newest[key] = row
-    return list(newest.values())
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if keep(row) and (not device_filter or device_filter.lower() in row["device"].lower()):
+                newest[key(row)] = row
+    return newest
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def latest_rows(path: Path, device_filter: str | None) -> list[dict]:
+    return list(newest_rows(
+        path, device_filter,
+        key=lambda row: (row["device"], row["op"], row["rows"], row["cols"], row["pattern"], row["wbits"],
+                         row.get("x_dtype", ""), row.get("precision", ""), row["impl"]),
+        keep=lambda row: row.get("impl"),  # rows from before the reference/fused split lack it
+    ).values())
 
 
 def case_label(row: dict) -> str:
@@ -43,11 +65,7 @@ def case_label(row: dict) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ops = sorted({r["op"] for r in rows})
     if not ops:
         raise SystemExit("no rows with an impl column to plot")
@@ -69,23 +87,13 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=7)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save(fig, out)
 
 
 def plot_gemm(csv_path: Path, device_filter: str | None, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if not device_filter or device_filter.lower() in r["device"].lower()]
-    newest = {}
-    for row in rows:
-        newest[(row["device"], row["dtype"], row["n"], row["k"], row["m"], row["impl"])] = row
+    plt = pyplot()
+    newest = newest_rows(csv_path, device_filter,
+                         key=lambda row: (row["device"], row["dtype"], row["n"], row["k"], row["m"], row["impl"]))
     panels = sorted({key[:4] for key in newest})
     if not panels:
         raise SystemExit("no gemm rows to plot")
@@ -102,25 +110,17 @@ def plot_gemm(csv_path: Path, device_filter: str | None, out: Path) -> Path:
         ax.set_ylabel("speedup over dense")
         ax.set_title(f"{panel[1]} N={panel[2]} K={panel[3]} ({panel[0][:30]})")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save(fig, out)
 
 
 def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["speedup"]  # op rows; baselines have no speedup
-                and (not device_filter or device_filter.lower() in r["device"].lower())]
-    newest = {}
-    for row in rows:
-        newest[(row["op"], row["device"], row["impl"], row["n"], row["batch"], row.get("k", ""),
-                row.get("downdate", ""))] = row  # hinv-only files lack the update columns
+    plt = pyplot()
+    newest = newest_rows(
+        csv_path, device_filter,
+        key=lambda row: (row["op"], row["device"], row["impl"], row["n"], row["batch"], row.get("k", ""),
+                         row.get("downdate", "")),  # hinv-only files lack the update columns
+        keep=lambda row: row["speedup"],  # op rows; baselines have no speedup
+    )
     ops = sorted({key[0] for key in newest})
     if not ops:
         raise SystemExit("no cholesky op rows to plot")
@@ -137,10 +137,7 @@ def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
         ax.set_title(op)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(labels, fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
