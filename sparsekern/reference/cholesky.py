@@ -68,10 +68,13 @@ def cholesky_delete(upper: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
     batch, n = r.shape[0], r.shape[-1]
     if n < 1:
         raise ValueError("cannot delete from an empty factor")
-    index = torch.as_tensor(index).reshape(-1).to(torch.long)
-    if index.shape[0] != batch or index.shape != torch.Size([batch]) or (index < 0).any() or (index >= n).any():
+    index = torch.as_tensor(index)
+    # The native op's checks: an integer tensor in the batch shape, every entry a column.
+    if (index.is_floating_point() or index.dtype == torch.bool or index.shape != upper.shape[:-2]
+            or (index < 0).any() or (index >= n).any()):
         raise ValueError(f"index must hold one column per batch entry, shape {tuple(upper.shape[:-2])}, each in "
                          f"[0, {n}), got {index.tolist() if index.numel() <= 8 else tuple(index.shape)}")
+    index = index.reshape(-1).to(torch.long)
     entries = torch.arange(batch)
     kept = torch.arange(n - 1).expand(batch, n - 1)
     kept = kept + (kept >= index[:, None]).long()  # original column of each kept column
