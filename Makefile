@@ -7,6 +7,9 @@
 #   make test       setup, then the fast tests (not marked slow)
 #   make test-all   setup, then every test, slow ones included
 #   make demo       setup, then `python -m sparsekern.demo`
+#   make gpu-check  the project's whole GPU check in one run of at most 8 minutes (benchmarks/gpu_check.py): on the
+#                   GPU machine `make gpu-check PYTHON=python3 OUT=/empty/folder` (it installs the tree itself);
+#                   DRY=1 runs the same stages on the CPU (Triton interpreter, tiny shapes), after setup
 #   make clean      build outputs and caches in the tree (`make distclean` also removes .venv)
 #
 # Variables (make VAR=value ...):
@@ -20,6 +23,7 @@
 #   SPARSEKERN_CACHE        converted models + corpora (default ~/.cache/sparsekern; also read by Python)
 #   TESTS                   what pytest runs (default tests), e.g. TESTS=tests/test_data.py
 #   PYTEST_ARGS             extra pytest arguments, e.g. PYTEST_ARGS="-n 2 -k data"
+#   OUT, DRY                gpu-check: its output folder (default: a new temporary one), the dry run
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -56,7 +60,7 @@ optional =
 OFFLINE_PIP :=
 endif
 
-.PHONY: setup test test-all demo clean distclean
+.PHONY: setup test test-all demo gpu-check clean distclean
 
 setup: $(INSTALL_STAMP) $(LEE_FILE) $(MODEL_CONFIG)
 
@@ -68,6 +72,12 @@ test-all: setup
 
 demo: setup
 	$(RUN_ENV) $(PY) -m sparsekern.demo
+
+# The GPU machine has its own Python and no network: the check installs the tree there itself, so only the dry run
+# needs setup.
+GPU_CHECK_PY := $(if $(DRY),$(PY),$(or $(PYTHON),$(wildcard .venv/bin/python),python3))
+gpu-check: $(if $(DRY),setup)
+	$(RUN_ENV) $(GPU_CHECK_PY) benchmarks/gpu_check.py run $(if $(DRY),--dry) $(if $(OUT),--out $(OUT))
 
 ifdef PYTHON
 $(INSTALL_STAMP): setup.py pyproject.toml $(NATIVE_SOURCES)

@@ -15,9 +15,9 @@ PyTorch reference did) and their baselines:
   per batch entry), batched, vs ``refactor``: forming R^T R +- X^T X (or the Schur complement of U^T U without
   the deleted input) and factoring it again.
 
-Columns: median and 20/80% quantiles in ms (a call over a second runs 3 times); speedup = baseline median / op
-median in the same run; rel_err = ||F^T F - T||_F / ||T||_F for the factor F against the exact target T in
-float64 (n <= 4096), e.g. T = (H + damp I)^-1; peak_extra_bytes (and peak_extra_n2, in n^2 fp32 units) = memory
+Columns: median and 20/80% quantiles in ms (a call over a second runs 3 times); speedup = baseline median / the
+row's median in the same run (1.0 on the baseline's own row); rel_err = ||F^T F - T||_F / ||T||_F for the factor
+F against the exact target T in float64 (n <= 4096), e.g. T = (H + damp I)^-1; peak_extra_bytes (and peak_extra_n2, in n^2 fp32 units) = memory
 beyond the input H at the hinv op's peak, its output included. On the GPU from the allocator's peak statistics;
 on the CPU a high-water-mark estimate: ru_maxrss cannot be reset, so each measurement runs in a process forked
 for it from a helper that has only imported (a fresh heap), which warms the op up at n/4 (LAPACK's code pages and
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, measure  # noqa: E402
+from common import append_rows, measure, speedups  # noqa: E402
 
 from sparsekern import ops, reference  # noqa: E402
 
@@ -49,8 +49,17 @@ BATCHED = {"cpu": [(576, 8), (1536, 2)], "cuda": [(1024, 16), (4096, 16)]}  # (n
 QUICK_SIZES, QUICK_BATCHED, QUICK_KS = [64, 96], [(64, 4), (96, 2)], [1, 4]
 PERCDAMP, MAX_TRIES = 0.01, 4
 ACCURACY_MAX_N = 4096  # the float64 target is an O(n^3) float64 inverse
-IMPL = "native" if ops.NATIVE else "reference-fallback"
-HINV = [("hinv_cholesky", "three-call"), ("hinv_cholesky", IMPL), ("hinv_cholesky_", IMPL)]
+
+
+def impl_name(op: str, device: torch.device) -> str:
+    """How ``op`` runs on ``device``: sparsekern._C's kernel, or the reference under the same op name."""
+    return "native" if device.type.upper() in ops.NATIVE_KEYS[op] else "reference-fallback"
+
+
+def hinv_cases(device: torch.device) -> list[tuple[str, str]]:
+    """(op, impl) of the hinv rows, the baseline first."""
+    return [("hinv_cholesky", "three-call"), ("hinv_cholesky", impl_name("hinv_cholesky", device)),
+            ("hinv_cholesky_", impl_name("hinv_cholesky_", device))]
 
 
 def hessian(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -115,7 +124,7 @@ def memory_probe(sizes: list[int]) -> None:
     ru_maxrss starts at its RSS at the fork). This process only imports, so every child starts from a fresh heap
     and without an OpenMP pool (which fork would break)."""
     for n in sizes:
-        for op, impl in HINV:
+        for op, impl in hinv_cases(torch.device("cpu")):
             pid = os.fork()
             if pid == 0:  # the child: measure, report, exit without the parent's clean-up
                 try:
@@ -153,13 +162,12 @@ def hinv_rows(n: int, device: torch.device, repeat: int, extras: dict) -> list[d
     h = hessian(n, device)
     work = torch.empty_like(h)
     rows = []
-    for op, impl in HINV:  # the baseline first: the ops' speedups divide by its median
+    for op, impl in hinv_cases(device):  # the baseline first: the ops' speedups divide by its median
         def fn(op=op, impl=impl):
             return hinv(op, impl, work.copy_(h) if op == "hinv_cholesky_" else h)
 
         row = {"op": op, "impl": impl, "n": n, "batch": 1, **timing(fn, device, repeat)}
-        if rows:
-            row["speedup"] = rows[0]["median_ms"] / row["median_ms"]
+        speedups([row], rows[0] if rows else row)
         extra = gpu_extra(op, impl, h) if device.type == "cuda" else extras[op, impl, n]
         row.update(peak_extra_bytes=extra, peak_extra_n2=extra / (4 * n * n))
         if n <= ACCURACY_MAX_N:
@@ -214,9 +222,9 @@ def batched_rows(n: int, batch: int, ks: list[int], delete: bool, device: torch.
     for fields, baseline, op, target in cases:
         base = {**fields, "impl": "refactor", "n": n, "batch": batch, **timing(baseline, device, repeat),
                 "rel_err": rel_err(baseline(), target)}
-        mine = {**fields, "impl": IMPL, "n": n, "batch": batch, **timing(op, device, repeat),
+        mine = {**fields, "impl": impl_name(fields["op"], device), "n": n, "batch": batch, **timing(op, device, repeat),
                 "rel_err": rel_err(op(), target)}
-        mine["speedup"] = base["median_ms"] / mine["median_ms"]
+        speedups([base, mine], base)
         show(base)
         show(mine)
         rows += [base, mine]
@@ -227,7 +235,7 @@ def show(row: dict) -> None:
     case = f"n={row['n']}" if row["batch"] == 1 else f"B={row['batch']} n={row['n']}"
     if "k" in row:
         case += f" k={row['k']} {'down' if row['downdate'] else 'up'}"
-    speedup = f"x{row['speedup']:.2f}" if "speedup" in row else ""
+    speedup = f"x{row['speedup']:.2f}" if row["impl"] != row["baseline"] else ""
     extra = (f"{row['peak_extra_n2']:5.2f} n^2 ({row['peak_extra_bytes'] / 2**20:7.1f} MiB)"
              if "peak_extra_bytes" in row else "")
     err = f"{row['rel_err']:.1e}" if "rel_err" in row else ""
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.ops.split(","))
     if wanted - {"hinv", "update", "delete"}:
         parser.error(f"--ops takes hinv, update, delete; got {args.ops}")
-    print(f"{device}: Cholesky ops {IMPL}; median [p20, p80] ms, speedup over the baseline, peak extra memory "
+    impls = ", ".join(f"{op} {impl_name(op, device)}" for op in ops.NATIVE_KEYS)
+    print(f"{device}: {impls}; median [p20, p80] ms, speedup over the baseline, peak extra memory "
           "beyond H, rel_err vs float64", flush=True)
     rows = []
     if "hinv" in wanted:

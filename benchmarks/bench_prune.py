@@ -14,7 +14,10 @@ timed as the published code does it (``sort``: a full sort of every row).
 
 Floors: the device's copy bandwidth and matmul rates are measured first; an op's floor is max(bytes it must
 move / bandwidth, GEMM flops it must do / matmul rate at its precision). Rows (median and 20/80% quantiles, floor,
-fused-over-reference speedup) are appended to results/prune.csv.
+and the speedup over the case's baseline measured in the same run: the reference loop; the published sort for
+unstructured Wanda, whose fused row also gives ``speedup_vs_reference``; the fused fp32 "ieee" run for the TF32
+cases) are appended to results/prune.csv. ``--quick`` keeps the cases the GPU check needs (SparseGPT 50% and 2:4,
+Wanda, magnitude, the Hessian in fp32 and bf16, the sum of squares).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, measure  # noqa: E402
+from common import append_rows, measure, speedups  # noqa: E402
 
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -42,6 +45,7 @@ SHAPES = {
 SPARSEGPT_CASES = [("0.5", 0, "ieee"), ("2:4", 0, "ieee"), ("2:4", 4, "ieee"), ("0.5", 0, "tf32")]
 WANDA_CASES = ["0.5", "2:4"]
 HESSIAN_CASES = [("float32", "ieee"), ("float32", "tf32"), ("bfloat16", "ieee"), ("float16", "ieee")]
+QUICK = {"sparsegpt": SPARSEGPT_CASES[:2], "hessian": [HESSIAN_CASES[0], HESSIAN_CASES[2]]}
 BLOCKSIZE = 128
 
 
@@ -110,8 +114,9 @@ def wanda_by_sort(weight: torch.Tensor, act_norm: torch.Tensor, sparsity: float)
     return mask
 
 
-def cases(shape, device, dtype, rates, tokens):
-    """(op, description fields, floor fields, {impl: callable}) for every case at one shape."""
+def cases(shape, device, dtype, rates, tokens, quick=False):
+    """(op, description fields, floor fields, {impl: callable}, baseline) for every case at one shape. The
+    baseline is an impl of the case, or (fields, impl) of an earlier case of the same op."""
     from sparsekern import reference
 
     rows, cols = shape
@@ -122,16 +127,18 @@ def cases(shape, device, dtype, rates, tokens):
     norm = torch.rand(cols, device=device) + 0.1
 
     impl = implementations("sparsegpt_prune")
-    for spec, wbits, lazy in SPARSEGPT_CASES:
+    for spec, wbits, lazy in QUICK["sparsegpt"] if quick else SPARSEGPT_CASES:
         n, m = (2, 4) if spec == "2:4" else (0, 0)
         # The lazy updates are a rows x cols x cols/2 GEMM in all; W is read and the fp32 result written, U read.
         floor = floor_ms(rates, rows * cols * (elt + 4) + cols * cols * 4, rows * cols * cols,
                          "fp32" if lazy == "ieee" else "tf32")
         fns = {name: (lambda fn=fn, n=n, m=m, wbits=wbits, lazy=lazy:
                       fn(weight, upper, 0.5, n, m, BLOCKSIZE, wbits, 0, lazy)) for name, fn in impl.items()}
+        baseline = "reference"
         if lazy != "ieee":
             fns.pop("reference")
-        yield "sparsegpt_prune", {"pattern": spec, "wbits": wbits, "precision": lazy}, floor, fns
+            baseline = ({"pattern": spec, "wbits": wbits, "precision": "ieee"}, "fused")
+        yield "sparsegpt_prune", {"pattern": spec, "wbits": wbits, "precision": lazy}, floor, fns, baseline
     impl = implementations("wanda_prune")
     for spec in WANDA_CASES:
         n, m = (2, 4) if spec == "2:4" else (0, 0)
@@ -141,14 +148,14 @@ def cases(shape, device, dtype, rates, tokens):
         fns = {name: (lambda fn=fn, n=n, m=m: fn(work, norm, 0.5, n, m)) for name, fn in impl.items()}
         if not n:
             fns["sort"] = lambda: wanda_by_sort(work, norm, 0.5)
-        yield "wanda_prune", {"pattern": spec, "wbits": 0}, floor, fns
+        yield "wanda_prune", {"pattern": spec, "wbits": 0}, floor, fns, "reference" if n else "sort"
     impl = implementations("magnitude_prune")
     work = weight.clone()
     yield "magnitude_prune", {"pattern": "0.5", "wbits": 0}, floor_ms(rates, rows * cols * (2 * elt + 1)), {
-        name: (lambda fn=fn: fn(work, 0.5, 0, 0)) for name, fn in impl.items()}
+        name: (lambda fn=fn: fn(work, 0.5, 0, 0)) for name, fn in impl.items()}, "reference"
 
     batch = min(tokens, 8192)
-    for x_dtype, precision in HESSIAN_CASES:
+    for x_dtype, precision in QUICK["hessian"] if quick else HESSIAN_CASES:
         x = torch.randn(batch, cols, device=device).to(getattr(torch, x_dtype))
         h = torch.zeros(cols, cols, device=device)
         x_elt = x.element_size()
@@ -158,39 +165,46 @@ def cases(shape, device, dtype, rates, tokens):
         impl = implementations("hessian_update")
         fns = {"reference": lambda fn=impl["reference"]: fn(h, x, 1),
                "fused": lambda fn=impl["fused"], p=precision: fn(h, x, 1, input_precision=p)}
+        fields = {"pattern": "-", "wbits": 0, "x_dtype": x_dtype, "precision": precision, "tokens": batch}
+        baseline = "reference"
         if precision == "tf32":
             fns.pop("reference")  # the reference is exact fp32: compared in the ieee row
-        yield "hessian_update", {"pattern": "-", "wbits": 0, "x_dtype": x_dtype, "precision": precision,
-                                 "tokens": batch}, floor, fns
+            baseline = ({**fields, "precision": "ieee"}, "fused")
+        yield "hessian_update", fields, floor, fns, baseline
     x = torch.randn(batch, cols, device=device, dtype=dtype)
     s = torch.zeros(cols, device=device)
     impl = implementations("sumsq_update")
     yield "sumsq_update", {"pattern": "-", "wbits": 0, "x_dtype": str(dtype).removeprefix("torch."),
                            "tokens": batch}, floor_ms(rates, batch * cols * elt), {
-        name: (lambda fn=fn: fn(s, x, 1)) for name, fn in impl.items()}
+        name: (lambda fn=fn: fn(s, x, 1)) for name, fn in impl.items()}, "reference"
 
 
-def run(shape, device, dtype, rates, repeat, tokens) -> list[dict]:
+def run(shape, device, dtype, rates, repeat, tokens, quick=False) -> list[dict]:
     results = []
-    for op, fields, floor, fns in cases(shape, device, dtype, rates, tokens):
+    fused_timings = {}  # (op, fields) -> the fused timing, for later cases that take it as their baseline
+    for op, fields, floor, fns, baseline in cases(shape, device, dtype, rates, tokens, quick):
         timings = {name: measure(fn, device, repeat=repeat) for name, fn in fns.items()}
-        for name, timing in timings.items():
-            row = {"op": op, "impl": name, "rows": shape[0], "cols": shape[1], **fields,
-                   "dtype": str(dtype).removeprefix("torch."), **timing, **floor}
-            if name == "fused" and "reference" in timings:
-                row["speedup"] = timings["reference"]["median_ms"] / timing["median_ms"]
-            if name == "fused" and "sort" in timings:
-                row["speedup_vs_sort"] = timings["sort"]["median_ms"] / timing["median_ms"]
-            results.append(row)
-        described = " ".join(f"{v}" for k, v in fields.items() if k in ("pattern", "x_dtype", "precision"))
+        fused_timings[op, repr(fields)] = timings["fused"]
+        if isinstance(baseline, tuple):
+            base_fields, base_impl = baseline
+            base = {"impl": f"{base_impl} {base_fields['precision']}", **fused_timings[op, repr(base_fields)]}
+        else:
+            base = {"impl": baseline, **timings[baseline]}
+        case_rows = [{"op": op, "impl": name, "rows": shape[0], "cols": shape[1], **fields,
+                      "dtype": str(dtype).removeprefix("torch."), **timing, **floor}
+                     for name, timing in timings.items()]
+        speedups(case_rows, base)
         fused = timings["fused"]["median_ms"]
+        if base["impl"] != "reference" and "reference" in timings:
+            fused_row = case_rows[list(timings).index("fused")]
+            fused_row["speedup_vs_reference"] = timings["reference"]["median_ms"] / fused
+        results += case_rows
+        described = " ".join(f"{v}" for k, v in fields.items() if k in ("pattern", "x_dtype", "precision"))
         reference = timings.get("reference", {}).get("median_ms")
-        speedup = f"x{reference / fused:6.1f}" if reference else "       "
-        if "sort" in timings:
-            speedup += f" (x{timings['sort']['median_ms'] / fused:.1f} vs sort)"
         ref_text = f"{reference:10.2f}" if reference else f"{'-':>10}"
         print(f"{op:<16}{shape[0]:>6}x{shape[1]:<6} {described:<18} ref {ref_text} ms  fused {fused:9.3f} ms "
-              f"{speedup}  floor {floor['floor_ms']:8.3f} ms ({fused / floor['floor_ms']:.1f}x floor)", flush=True)
+              f"x{base['median_ms'] / fused:6.1f} vs {base['impl']:<11} floor {floor['floor_ms']:8.3f} ms "
+              f"({fused / floor['floor_ms']:.1f}x floor)", flush=True)
     return results
 
 
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens behind each Hessian")
+    parser.add_argument("--quick", action="store_true", help="only the cases the GPU check needs (see above)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/prune.csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.shapes.split(","):
         for shape in SHAPES[name]:
-            rows += run(shape, device, getattr(torch, args.dtype), rates, args.repeat, args.tokens)
+            rows += run(shape, device, getattr(torch, args.dtype), rates, args.repeat, args.tokens, args.quick)
     for row in rows:
         row.update(bandwidth_gbs=rates["bandwidth"] / 1e9, fp32_tflops=rates["fp32"] / 1e12,
                    tf32_tflops=rates["tf32"] / 1e12, bf16_tflops=rates["bf16"] / 1e12)

@@ -7,7 +7,10 @@ The model has LLaMA-7B's shape (32 layers, hidden 4096, MLP 11008, 32 heads) and
 measured on SmolLM2 elsewhere; speed does not depend on the values). It stays in CPU memory and each decoder
 layer visits the GPU, as ``sparsekern prune`` does. The same dense weights and calibration tokens are pruned
 twice through ``sparsekern.prune``: once with every op on its PyTorch reference (backend ``torch``), once with
-the fused kernels (backend ``cuda``). Rows are appended to results/prune_model.csv.
+the fused kernels (backend ``cuda``). ``--layers`` prunes only the first layers of the model: each row then also
+gives the time per layer and the whole model's time extrapolated from it (``extrapolated_model_s``, labelled so:
+not measured). Rows, with the fused run's speedup over the reference in the same run, are appended to
+results/prune_model.csv.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows  # noqa: E402
+from common import append_rows, speedups  # noqa: E402
 
 CONFIGS = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -85,14 +88,20 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append({"config": args.config, "layers": model.config.num_hidden_layers, "pattern": args.pattern,
-                     "nsamples": args.nsamples, "seqlen": args.seqlen, "dtype": args.dtype, "impl": impl,
-                     "backend": backends[impl], "time_s": elapsed, "peak_gib": peak, "sparsity": report.sparsity})
-        print(f"{impl:<10} {elapsed:8.1f} s  peak GPU memory {peak:6.2f} GiB  sparsity {report.sparsity:.4f}",
-              flush=True)
+        layers, model_layers = model.config.num_hidden_layers, CONFIGS[args.config]["num_hidden_layers"]
+        row = {"config": args.config, "layers": layers, "pattern": args.pattern, "nsamples": args.nsamples,
+               "seqlen": args.seqlen, "dtype": args.dtype, "impl": impl, "backend": backends[impl],
+               "time_s": elapsed, "per_layer_s": elapsed / layers, "peak_gib": peak, "sparsity": report.sparsity}
+        extrapolated = ""
+        if layers < model_layers:
+            row.update(model_layers=model_layers, extrapolated_model_s=elapsed / layers * model_layers)
+            extrapolated = f"  ({model_layers} layers extrapolated: {row['extrapolated_model_s']:.0f} s)"
+        rows.append(row)
+        print(f"{impl:<10} {elapsed:8.1f} s for {layers} layers, {elapsed / layers:7.2f} s per layer{extrapolated}  "
+              f"peak GPU memory {peak:6.2f} GiB  sparsity {report.sparsity:.4f}", flush=True)
+    speedups(rows, rows[0], "time_s")
     if len(rows) == 2:
-        rows[1]["speedup"] = rows[0]["time_s"] / rows[1]["time_s"]
-        print(f"fused is {rows[1]['speedup']:.2f}x faster end to end")
+        print(f"{rows[1]['impl']} is {rows[1]['speedup']:.2f}x faster than {rows[0]['impl']} end to end")
     if not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows('prune_model', rows, device)}")
     return 0

@@ -1,4 +1,6 @@
-"""Shared benchmark plumbing: timing medians with quantiles, and appending rows to results/*.csv."""
+"""Shared benchmark plumbing: timing medians with quantiles, and appending rows to results/*.csv.
+
+``SPARSEKERN_RESULTS_DIR`` moves the results folder (``benchmarks/gpu_check.py`` collects one run's rows there)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("SPARSEKERN_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: torch.device) -> str:
@@ -49,15 +51,26 @@ def measure(fn: Callable[[], object], device: torch.device, repeat: int = 5, war
             "repeat": repeat}
 
 
-def append_rows(name: str, rows: list[dict], device: torch.device) -> Path:
-    """Append ``rows`` to results/<name>.csv with device, commit and date columns.
+def speedups(rows: list[dict], baseline: dict, time_key: str = "median_ms") -> None:
+    """Give every row of one case the ``baseline`` it is compared with (its ``impl``) and its ``speedup`` =
+    baseline time / its time, measured in the same run (the baseline's own row gets 1.0)."""
+    for row in rows:
+        row["baseline"] = baseline["impl"]
+        row["speedup"] = baseline[time_key] / row[time_key]
 
-    A row with columns the file lacks extends the header (the file is rewritten, old rows left blank there)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
+
+def append_rows(name: str, rows: list[dict], device: torch.device) -> Path:
+    """Append ``rows`` to results/<name>.csv with device, commit and date columns."""
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "commit": commit(), "device": device_name(device), "torch": torch.__version__}
-    rows = [{**stamp, **row} for row in rows]
+    return append_stamped(RESULTS / f"{name}.csv", [{**stamp, **row} for row in rows])
+
+
+def append_stamped(path: Path, rows: list[dict]) -> Path:
+    """Append rows that already carry their stamp columns to the CSV at ``path``.
+
+    A row with columns the file lacks extends the header (the file is rewritten, old rows left blank there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     old_rows, fields = [], []
     if path.exists() and os.path.getsize(path) > 0:
         with open(path, newline="") as f:

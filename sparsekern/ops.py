@@ -291,6 +291,10 @@ _CHOLESKY_SCHEMAS = {
 }
 
 NATIVE = _native.load()  # True when sparsekern._C registered the Cholesky ops
+# Per op, the dispatch keys _C serves natively ("CPU"; "CUDA" for all four only when _C was built with nvcc);
+# read before the fallback below fills the rest with the reference.
+NATIVE_KEYS = {name: tuple(key for key in ("CPU", "CUDA") if NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(
+    f"sparsekern::{name}", key)) for name in _CHOLESKY_SCHEMAS}
 
 
 def _reference_hinv_cholesky_(hessian, percdamp, max_tries):
@@ -306,7 +310,7 @@ for _name, _schema in _CHOLESKY_SCHEMAS.items():
     if not NATIVE:
         _python_kernels.define(_schema)
     for _key in ("CPU", "CUDA"):
-        if not NATIVE or not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{_name}", _key):
+        if _key not in NATIVE_KEYS[_name]:
             _python_kernels.impl(
                 _name, _reference_hinv_cholesky_ if _name == "hinv_cholesky_" else getattr(reference, _name), _key)
 
