@@ -22,7 +22,8 @@
 #   MODEL                   alias converted by setup (default smollm2-135m)
 #   SPARSEKERN_CACHE        converted models + corpora (default ~/.cache/sparsekern; also read by Python)
 #   TESTS                   what pytest runs (default tests), e.g. TESTS=tests/test_data.py
-#   PYTEST_ARGS             extra pytest arguments, e.g. PYTEST_ARGS="-n 2 -k data"
+#   PYTEST_ARGS             extra pytest arguments, e.g. PYTEST_ARGS="-k data"
+#   PYTEST_WORKERS          pytest-xdist processes for `make test` (default 2: CI's cores); 0 runs in one process
 #   OUT, DRY                gpu-check: its output folder (default: a new temporary one), the dry run
 
 SHELL := /bin/bash
@@ -36,6 +37,9 @@ SPARSEKERN_CACHE ?= $(HOME)/.cache/sparsekern
 export SPARSEKERN_CACHE
 TESTS ?= tests
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
+# Whole files per worker: module fixtures (a loaded SmolLM2, a dry GPU check) are built once.
+XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 
 LEE_FILE := $(SPARSEKERN_CACHE)/data/lee_background.cor
 # The editable install also builds the native extension sparsekern._C: redo it when its sources change.
@@ -65,10 +69,10 @@ endif
 setup: $(INSTALL_STAMP) $(LEE_FILE) $(MODEL_CONFIG)
 
 test: setup
-	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(TESTS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
 test-all: setup
-	$(RUN_ENV) $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
 demo: setup
 	$(RUN_ENV) $(PY) -m sparsekern.demo

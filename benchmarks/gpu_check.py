@@ -28,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -128,7 +129,9 @@ class StageResult:
 
 def _step_env(step: Step, dry: bool, results: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "SPARSEKERN_RESULTS_DIR": str(results), "SPARSEKERN_GPU_CHECK_INFO": str(results / "info.json")}
+           "SPARSEKERN_RESULTS_DIR": str(results), "SPARSEKERN_GPU_CHECK_INFO": str(results / "info.json"),
+           # The tree itself comes first: the stages still run (on the reference Cholesky ops) if the install failed.
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for name in ("TRITON_INTERPRET", "SPARSEKERN_BACKEND"):  # the caller's choice must not leak into a stage
         env.pop(name, None)
     env.update(INTERPRETED if dry else step.env)
@@ -140,6 +143,7 @@ def _step_env(step: Step, dry: bool, results: Path) -> dict[str, str]:
     return env
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_arch() -> str | None:
     """The GPU's compute capability (e.g. "9.0") from nvidia-smi: this process never initializes CUDA itself, so
     it holds no GPU memory while the stages run."""

@@ -15,10 +15,18 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)  # CI machines have 2 cores; more threads only oversubscribe
+# CI machines have 2 cores; more threads only oversubscribe. `make test` runs two pytest-xdist workers, one core
+# each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+# The longest files run first, so that with pytest-xdist (`make test` runs two workers, a file each at a time)
+# they do not start last and leave one worker idle at the end.
+LONG_FILES = ("test_smollm2.py", "test_gpu_check.py", "test_native.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: the order within a file is kept
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")

@@ -4,6 +4,7 @@ saved checkpoint must reload with plain transformers and give the same perplexit
 import json
 
 import pytest
+import torch
 
 import sparsekern
 from sparsekern import cli
@@ -13,6 +14,15 @@ from sparsekern.models import load_model
 
 SEQLEN = 256
 EVAL_WINDOWS = 8  # 2048 held-out tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """The longest file of `make test`: both cores, even when pytest-xdist gave its worker one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
