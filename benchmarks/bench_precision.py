@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import sparsekern
-    from sparsekern.data import calibration_windows, eval_tokens
+    from sparsekern.data import calibration_windows, eval_tokens, window_bos
     from sparsekern.eval import perplexity
     from sparsekern.models import load_model
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 sparsekern.prune(model, method="sparsegpt", sparsity=pattern, calib=calibration, device=device,
                                  progress=False, **VARIANTS[variant])
                 elapsed = time.perf_counter() - start
-                ppl = perplexity(model, held_out, seqlen=args.seqlen, progress=False)["perplexity"]
+                ppl = perplexity(model, held_out, seqlen=args.seqlen, progress=False,
+                                 bos_token_id=window_bos(tokenizer))["perplexity"]
                 rows.append({"model": args.model, "pattern": pattern, "variant": variant, "seed": seed,
                              "nsamples": args.nsamples, "seqlen": args.seqlen, "backend": sparsekern.get_backend(),
                              "perplexity": ppl, "prune_s": elapsed})

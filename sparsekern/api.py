@@ -61,6 +61,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
+    bos: str = "auto",
     wbits: int | None = None,
     groupsize: int | None = None,
     blocksize: int | None = None,
@@ -81,6 +82,9 @@ def prune(
     sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
     calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
         into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
+    bos: "auto" starts every calibration window with the BOS token when the tokenizer adds one (Gemma, Llama...),
+        "always" does so for any tokenizer with a BOS token, "never" cuts windows from the middle of the stream
+        (the published protocol); see ``sparsekern.data``.
     wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping);
         OBC takes percdamp and hessian_dtype.
     lazy_precision: SparseGPT's lazy-update GEMM, "ieee" (fp32, default) or "tf32" (tensor cores).
@@ -92,14 +96,16 @@ def prune(
     resume_dir: a folder recording each finished layer; rerunning with the same settings resumes there.
     """
     start = time.perf_counter()
-    pattern = SparsityPattern.parse(sparsity)
-    algorithm = make_method(method, wbits=wbits, groupsize=groupsize, blocksize=blocksize, percdamp=percdamp,
-                            lazy_precision=lazy_precision, hessian_dtype=hessian_dtype, progress=progress)
+    pattern, algorithm = check_arguments(
+        method=method, sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
+        batch_size=batch_size, true_sequential=true_sequential, progress=progress, wbits=wbits,
+        groupsize=groupsize, blocksize=blocksize, percdamp=percdamp, lazy_precision=lazy_precision,
+        hessian_dtype=hessian_dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None
     if algorithm.stats is not None:
-        calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed)
+        calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed, bos)
     linears = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
         true_sequential=true_sequential, overrides=overrides, progress=progress, resume_dir=resume_dir,
@@ -109,18 +115,64 @@ def prune(
                        time.perf_counter() - start)
 
 
-def _calibration(model, tokenizer, calib, nsamples, seqlen, seed) -> tuple[torch.Tensor, dict]:
+# The API's typed arguments: (accepted types, may be None). bool is refused where an int is meant (it is one).
+_ARGUMENT_TYPES = {"nsamples": (int, False), "seqlen": (int, False), "seed": (int, False),
+                   "batch_size": (int, False), "wbits": (int, True), "groupsize": (int, True),
+                   "blocksize": (int, True), "percdamp": ((int, float), True), "true_sequential": (bool, False),
+                   "progress": (bool, False)}
+
+
+def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int, seqlen: int, seed: int, bos: str,
+                    batch_size: int, true_sequential: bool, progress: bool, **method_options):
+    """(pattern, method) after every check :func:`prune`'s arguments allow without the model: types, the pattern,
+    the method and its options, the calibration source (a local file is read once: missing, empty or not UTF-8
+    fails here). The CLI calls it before loading the model. Raises ValueError, TypeError or FileNotFoundError."""
+    _check_types(nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, wbits=method_options["wbits"],
+                 groupsize=method_options["groupsize"], blocksize=method_options["blocksize"],
+                 percdamp=method_options["percdamp"], true_sequential=true_sequential, progress=progress)
+    pattern = SparsityPattern.parse(sparsity)
+    algorithm = make_method(method, progress=progress, **method_options)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    from .data import BOS_CHOICES, check_source
+
+    if bos not in BOS_CHOICES:
+        raise ValueError(f"bos {bos!r} is not one of {', '.join(BOS_CHOICES)}")
+    if algorithm.stats is not None and not isinstance(calib, torch.Tensor):
+        if nsamples < 1 or seqlen < 1:
+            raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+        check_source(calib)
+    return pattern, algorithm
+
+
+def _check_types(**arguments) -> None:
+    for name, value in arguments.items():
+        types, optional = _ARGUMENT_TYPES[name]
+        if value is None and optional:
+            continue
+        if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
+            expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise TypeError(f"sparsekern.prune: {name} must be {expected}{' or None' if optional else ''}, got "
+                            f"{type(value).__name__} {value!r}")
+
+
+def _calibration(model, tokenizer, calib, nsamples, seqlen, seed, bos) -> tuple[torch.Tensor, dict]:
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"calibration ids must be an integer tensor [nsamples, seqlen], got "
                              f"{calib.dtype} {tuple(calib.shape)}")
+        vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+        if calib.numel() and (calib.min() < 0 or (vocab is not None and calib.max() >= vocab)):
+            raise ValueError(f"calibration ids must lie in [0, {vocab}) (the model's vocabulary), got "
+                             f"{int(calib.min())} .. {int(calib.max())}")
         return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
     if tokenizer is None:
         raise ValueError(f"calibration source {calib!r} needs the model's tokenizer: prune(model, tokenizer, ...)")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}; pass --seqlen")
-    from .data import calibration_windows
+    from .data import calibration_windows, window_bos
 
-    ids = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    return ids, {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    ids = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos)
+    return ids, {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos,
+                 "bos_token_id": window_bos(tokenizer, bos)}

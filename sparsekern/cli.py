@@ -4,6 +4,7 @@ its 2:4 layers on this GPU."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -28,8 +29,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_bos_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                        help="start every window with the BOS token: auto (default) when the tokenizer adds one "
+                             "(Gemma, Llama...), always, or never (the published wikitext2 protocol: windows cut "
+                             "from the middle of the stream)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument gets one line naming it, like every other user error (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsekern", description=__doc__)
+    parser = _Parser(prog="sparsekern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model one layer at a time and save a Hugging Face checkpoint")
@@ -44,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    _add_bos_arg(prune)
     prune.add_argument("--wbits", type=int, default=None, help="SparseGPT: also quantize kept weights to B bits")
     prune.add_argument("--groupsize", type=int, default=None, help="SparseGPT: quantization group size")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per sweep block (128)")
@@ -72,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     evaluate.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _add_bos_arg(evaluate)
     _add_model_args(evaluate)
 
     generate = sub.add_parser("generate", help="sample text from a (pruned) model")
@@ -96,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: not a device sparsekern runs on; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -113,22 +138,37 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def cmd_prune(args) -> dict:
-    from .api import prune
-    from .models import check_destination, load_model, save_checkpoint
+    from .api import check_arguments
+    from .models import OutputLock, check_destination, resolve_model
 
-    out = Path(args.out)
-    check_destination(out, args.overwrite)  # fail before hours of work, not after
-    # Each finished layer is recorded here, so an interrupted run resumes; removed once the checkpoint is saved.
-    partial = out.with_name(out.name + ".partial")
-    if args.restart:
-        shutil.rmtree(partial, ignore_errors=True)
+    # Everything the arguments alone show to be wrong fails here, before the model is loaded and hours of work.
     overrides = _parse_overrides(args.override)
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)  # stays on the CPU: layers visit the device
+    check_arguments(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
+                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, batch_size=args.batch_size,
+                    true_sequential=args.true_sequential, progress=not args.quiet, wbits=args.wbits,
+                    groupsize=args.groupsize, blocksize=args.blocksize, percdamp=args.percdamp,
+                    lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype)
+    out = Path(args.out)
+    source = resolve_model(args.model)
+    check_destination(out, args.overwrite, source)
+    with OutputLock(out):  # a second run on the same --out is refused while this one lives
+        return _prune_into(args, out, source, overrides, device)
+
+
+def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.device) -> dict:
+    from .api import prune
+    from .models import load_model, partial_dir, save_checkpoint
+
+    # Each finished layer is recorded here, so an interrupted run resumes; removed once the checkpoint is saved.
+    partial = partial_dir(out)
+    if args.restart:
+        shutil.rmtree(partial, ignore_errors=True)
+    model, tokenizer = load_model(source, dtype=args.dtype)  # stays on the CPU: layers visit the device
     report = prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, wbits=args.wbits, groupsize=args.groupsize, blocksize=args.blocksize,
-        percdamp=args.percdamp, lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype,
+        seqlen=args.seqlen, seed=args.seed, bos=args.bos, wbits=args.wbits, groupsize=args.groupsize,
+        blocksize=args.blocksize, percdamp=args.percdamp, lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype,
         device=device, true_sequential=args.true_sequential, overrides=overrides,
         batch_size=args.batch_size, progress=not args.quiet, resume_dir=str(partial),
     )
@@ -162,27 +202,34 @@ def _print_prune_table(report) -> None:
 
 
 def cmd_eval(args) -> dict:
-    from .data import eval_tokens
+    from .data import check_source, eval_tokens, window_bos
     from .eval import perplexity
     from .models import load_model
 
+    if args.seqlen < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
+        raise ValueError(f"--seqlen must be at least 2 and --batch-size, --max-windows positive; got --seqlen "
+                         f"{args.seqlen}, --batch-size {args.batch_size}, --max-windows {args.max_windows}")
+    check_source(args.data)
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    ids = eval_tokens(tokenizer, args.data, args.split)
+    bos_id = window_bos(tokenizer, args.bos)
+    ids = eval_tokens(tokenizer, args.data, args.split, args.bos)
     start = time.perf_counter()
     result = perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
-                        progress=not args.quiet)
-    result = {"model": str(args.model), "data": args.data, "split": args.split, "seqlen": args.seqlen, **result,
-              "time_s": time.perf_counter() - start}
+                        progress=not args.quiet, bos_token_id=bos_id)
+    result = {"model": str(args.model), "data": args.data, "split": args.split, "seqlen": args.seqlen,
+              "bos_token_id": bos_id, **result, "time_s": time.perf_counter() - start}
     if not args.json:
         print(f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of "
-              f"{args.data}/{args.split} (seqlen {args.seqlen})")
+              f"{args.data}/{args.split} (seqlen {args.seqlen}{', BOS-led windows' if bos_id is not None else ''})")
     return result
 
 
 def cmd_generate(args) -> dict:
     from .models import load_model
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue, e.g. --prompt 'The prime minister said'")
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     torch.manual_seed(args.seed)
@@ -217,15 +264,33 @@ def cmd_bench(args) -> dict:
     return {"rows": rows, "dispatch": entries}
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """--quiet silences transformers' own progress bars (loading and writing weights) too, for this command."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = COMMANDS[args.command](args)
+        with _quiet_transformers(getattr(args, "quiet", False)):
+            result = COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        partial = Path(f"{args.out}.partial") if args.command == "prune" else None
+        from .models import partial_dir
+
+        partial = partial_dir(args.out) if args.command == "prune" else None
         hint = f"; finished layers are kept in {partial}, rerun to resume" if partial and partial.exists() else ""
         print(f"sparsekern {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -12,17 +12,25 @@ Sources (the ``source`` argument everywhere):
   field ``"text"``; also used whole for both splits).
 
 Documents are joined with ``"\\n\\n"``.
+
+Windows start the way the model's training sequences did (``bos``, see :func:`window_bos`): for a tokenizer that
+adds a BOS token (Gemma, Llama 2/3, Mistral...), every calibration and evaluation window starts with it and the
+rest is cut from the stream tokenized without special tokens; a model such as Gemma produces out-of-distribution
+activations on windows that start mid-stream without it. ``bos="never"`` cuts windows from the stream as the
+tokenizer makes it (BOS at the very start only): the published SparseGPT/Wanda wikitext2 protocol, for comparisons.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,9 +46,14 @@ __all__ = [
     "load_text",
     "calibration_windows",
     "eval_tokens",
+    "window_bos",
+    "BOS_CHOICES",
 ]
 
 SPLITS = ("train", "test")
+BOS_CHOICES = ("auto", "always", "never")
+# Calibration windows covering the text more than this many times over get a warning.
+OVERLAP_WARNING = 8
 HF_SOURCES = ("wikitext2", "c4", "ptb")
 SOURCES = ("lee",) + HF_SOURCES
 LOCAL_SUFFIXES = (".txt", ".jsonl")
@@ -115,6 +128,18 @@ def _lee_documents() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def check_source(source: str) -> None:
+    """Fail now, with the reason, if ``source`` cannot give text: an unknown name, the Lee corpus not fetched, a
+    local file missing, empty or not UTF-8 (read once here), ``datasets`` missing for a hub dataset."""
+    if source == "lee":
+        _lee_documents()
+    elif source in HF_SOURCES:
+        if importlib.util.find_spec("datasets") is None:
+            raise ImportError(f"text source {source!r} needs the `datasets` package: pip install 'sparsekern[eval]'")
+    elif not load_text(source).strip():
+        raise ValueError(f"text file {source} is empty: calibration needs text")
+
+
 def load_text(source: str = "lee", split: str = "train") -> str:
     """The text of ``split`` (``"train"`` or ``"test"``) of ``source``; documents joined by blank lines."""
     if split not in SPLITS:
@@ -137,6 +162,14 @@ def load_text(source: str = "lee", split: str = "train") -> str:
 def _local_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
+    try:
+        return _read_local(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): pass a UTF-8 .txt or "
+                         ".jsonl file") from None
+
+
+def _read_local(path: Path) -> str:
     if path.suffix == ".txt":
         return path.read_text(encoding="utf-8")
     docs = []
@@ -183,9 +216,36 @@ def _hf_documents(source: str, split: str) -> list[str]:
     raise AssertionError(source)
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
+def window_bos(tokenizer, bos: str = "auto") -> int | None:
+    """The token id every window starts with, or None.
+
+    ``"auto"``: the tokenizer's BOS when the tokenizer itself adds one to a text (Gemma, Llama...), else None (GPT-2
+    style tokenizers such as SmolLM2's add none); ``"always"``: its BOS token, which it must have; ``"never"``: None.
+    """
+    if bos not in BOS_CHOICES:
+        raise ValueError(f"--bos {bos!r} is not one of {', '.join(BOS_CHOICES)}")
+    if bos == "never":
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos == "always":
+        if bos_id is None:
+            raise ValueError("--bos always: this tokenizer has no BOS token; use --bos auto or --bos never")
+        return int(bos_id)
+    if bos_id is None:
+        return None
+    ids = tokenizer("a", verbose=False).input_ids
+    return int(bos_id) if ids and ids[0] == bos_id else None
+
+
+def _tokenize(tokenizer, text: str, special_tokens: bool = True) -> torch.Tensor:
     # verbose=False: a whole corpus is longer than model_max_length on purpose; we cut windows ourselves.
-    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    return tokenizer(text, return_tensors="pt", verbose=False, add_special_tokens=special_tokens).input_ids[0]
+
+
+def _stream(tokenizer, source: str, split: str, bos_id: int | None) -> torch.Tensor:
+    """The split's token stream: without special tokens when each window gets its own BOS, else as the tokenizer
+    makes it (the published protocol)."""
+    return _tokenize(tokenizer, load_text(source, split), special_tokens=bos_id is None).long()
 
 
 def calibration_windows(
@@ -194,29 +254,45 @@ def calibration_windows(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
+    bos: str = "auto",
 ) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens from the train split: LongTensor [nsamples, seqlen].
 
-    Window starts come from a ``torch.Generator`` seeded with ``seed`` (same seed, same windows);
-    windows may overlap.
+    With a BOS (:func:`window_bos`) each window is that token followed by ``seqlen - 1`` consecutive tokens of the
+    stream. Window starts come from a ``torch.Generator`` seeded with ``seed`` (same seed, same windows); windows
+    may overlap.
     """
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
-    ids = _tokenize(tokenizer, load_text(source, "train"))
+    bos_id = window_bos(tokenizer, bos)
+    if bos_id is not None and seqlen < 2:
+        raise ValueError(f"seqlen {seqlen} leaves no room for text after the BOS token; use --seqlen 2 or more")
+    ids = _stream(tokenizer, source, "train", bos_id)
+    content = seqlen - (bos_id is not None)
     n_tokens = ids.numel()
-    if n_tokens < seqlen + 1:
+    if n_tokens < content + 1:
         raise ValueError(
-            f"the train split of {source!r} has {n_tokens} tokens, fewer than seqlen + 1 = {seqlen + 1} needed "
-            "for one calibration window; lower --seqlen or use a larger text source"
+            f"the train split of {source!r} has {n_tokens} tokens, fewer than the {content + 1} needed for one "
+            "calibration window; lower --seqlen or use a larger text source"
         )
+    if nsamples * content > OVERLAP_WARNING * n_tokens:
+        warnings.warn(f"{nsamples} calibration windows of {seqlen} tokens from a text of {n_tokens} tokens use each "
+                      f"token about {nsamples * content / n_tokens:.0f} times: the calibration statistics see little "
+                      "variety; use a larger text (--calib) or fewer windows (--nsamples)", stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n_tokens - seqlen, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()]).long()
+    starts = torch.randint(0, n_tokens - content, (nsamples,), generator=gen)
+    windows = torch.stack([ids[s : s + content] for s in starts.tolist()])
+    if bos_id is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows
 
 
-def eval_tokens(tokenizer, source: str = "lee", split: str = "test") -> torch.Tensor:
-    """The whole ``split`` of ``source`` tokenized: LongTensor [1, T]."""
-    return _tokenize(tokenizer, load_text(source, split)).long().unsqueeze(0)
+def eval_tokens(tokenizer, source: str = "lee", split: str = "test", bos: str = "auto") -> torch.Tensor:
+    """The whole ``split`` of ``source`` tokenized: LongTensor [1, T].
+
+    Pass ``window_bos(tokenizer, bos)`` as ``perplexity(..., bos_token_id=)``: with a BOS the stream holds no
+    special tokens and perplexity starts every window with it; without one it is the tokenizer's own stream."""
+    return _stream(tokenizer, source, split, window_bos(tokenizer, bos)).unsqueeze(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import sparsekern
-    from sparsekern.data import calibration_windows, eval_tokens
+    from sparsekern.data import calibration_windows, eval_tokens, window_bos
     from sparsekern.eval import perplexity
     from sparsekern.models import load_model
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out = eval_tokens(tokenizer, "lee", "test")
 
     def measure() -> float:
-        return perplexity(model, held_out, seqlen=args.seqlen, progress=not args.quiet)["perplexity"]
+        return perplexity(model, held_out, seqlen=args.seqlen, progress=not args.quiet,
+                          bos_token_id=window_bos(tokenizer))["perplexity"]
 
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "perplexity": measure(), "time_s": 0.0}]
     for method, pattern in RUNS:

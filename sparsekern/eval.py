@@ -2,7 +2,9 @@
 
 The stream is cut into non-overlapping windows of ``seqlen`` tokens (the tail that does not fill a
 window is dropped); each window is scored on its own, predicting tokens 1..seqlen-1 from their
-prefix. The reported NLL is the token-weighted mean over all windows, computed in fp32.
+prefix. With ``bos_token_id`` each window is that token followed by ``seqlen - 1`` tokens of the stream, all of
+them predicted (models trained with BOS-led sequences, such as Gemma, are scored in distribution). Either way a
+window scores ``seqlen - 1`` tokens. The reported NLL is the token-weighted mean over all windows, computed in fp32.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ def perplexity(
     device: str | torch.device | None = None,
     max_windows: int | None = None,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> dict:
     """Perplexity of ``model`` on ``input_ids`` ([1, T] or [T]).
 
     Returns ``{"perplexity", "nll", "tokens", "windows"}`` where ``tokens = windows * (seqlen - 1)``
     and ``nll`` is the mean negative log-likelihood per token (nats). ``device=None`` uses the
-    model's device. ``max_windows`` caps the number of windows scored (from the start).
+    model's device. ``max_windows`` caps the number of windows scored (from the start). ``bos_token_id``
+    (``sparsekern.data.window_bos``) starts every window with that token.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -41,19 +45,22 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n_tokens = input_ids.shape[1]
-    if n_tokens < seqlen:
+    content = seqlen - (bos_token_id is not None)  # stream tokens per window
+    if n_tokens < content:
         raise ValueError(
-            f"the evaluation text has {n_tokens} tokens, fewer than seqlen={seqlen} needed for one window; "
-            "lower --seqlen or use a longer evaluation text"
+            f"the evaluation text has {n_tokens} tokens, fewer than the {content} needed for one window of "
+            f"seqlen={seqlen}; lower --seqlen or use a longer evaluation text"
         )
-    n_windows = n_tokens // seqlen
+    n_windows = n_tokens // content
     if max_windows is not None:
         if max_windows < 1:
             raise ValueError(f"max_windows must be positive, got {max_windows}")
         n_windows = min(n_windows, max_windows)
     if device is None:
         device = next(model.parameters()).device
-    windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
+    windows = input_ids[0, : n_windows * content].reshape(n_windows, content)
+    if bos_token_id is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
 
     was_training = model.training
     model.eval()  # dropout off; restored below so the caller's model state is unchanged

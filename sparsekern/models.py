@@ -33,6 +33,8 @@ __all__ = [
     "resolve_model",
     "load_model",
     "check_destination",
+    "partial_dir",
+    "OutputLock",
     "save_checkpoint",
 ]
 
@@ -95,6 +97,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     raw = os.fspath(name_or_path)
     path = Path(raw).expanduser()
     if _is_hf_folder(path):
+        _check_config(path)
         return path
     if path.exists():
         raise ValueError(
@@ -109,6 +112,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         f"unknown model {raw!r}: not a folder, not an alias, not a hub id of the form org/name. "
         f"Aliases: {_aliases_text()}. Otherwise pass a local Hugging Face folder (one with config.json)."
     )
+
+
+def _check_config(folder: Path) -> None:
+    """A readable, well-formed config.json, or a ValueError naming it (transformers would raise a traceback)."""
+    config = folder / "config.json"
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config} cannot be read as JSON ({exc}): the checkpoint is damaged") from None
+    if not isinstance(content, dict) or "model_type" not in content:
+        raise ValueError(f"{config} has no \"model_type\": it is not a Hugging Face model config")
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -252,14 +266,27 @@ def save_checkpoint(
     return out
 
 
-def check_destination(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise ``FileExistsError`` now if :func:`save_checkpoint` would refuse ``out_dir`` later.
+def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
+                      source: str | os.PathLike | None = None) -> Path:
+    """Raise ``FileExistsError`` (or ``ValueError``) now if :func:`save_checkpoint` would refuse ``out_dir``
+    later, or if writing there would destroy the model being pruned.
 
-    Call it before hours of pruning. Refuses an existing path unless ``overwrite``, and even then a file
-    or a non-empty folder without ``config.json`` (so a mistyped ``--out`` cannot wipe a project folder).
-    Returns the absolute path.
+    Call it before hours of pruning. Refuses ``out_dir`` equal to, inside or around the ``source`` model folder
+    (with ``--overwrite`` or not: the checkpoint being read must survive the run); a destination whose folder
+    cannot be written; an existing path unless ``overwrite``, and even then a file or a non-empty folder without
+    ``config.json`` (so a mistyped ``--out`` cannot wipe a project folder). Returns the absolute path.
     """
     out = Path(out_dir).expanduser().absolute()
+    if source is not None:
+        real_out, real_source = out.resolve(), Path(source).expanduser().resolve()
+        if real_out == real_source or real_source in real_out.parents or real_out in real_source.parents:
+            raise ValueError(f"--out {out} is the input model folder {real_source}, or inside or around it: the "
+                             "pruned checkpoint would replace the model being read; choose another --out")
+    parent = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:  # a real write: permissions, a read-only file system, quotas (os.access says yes to root regardless)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise ValueError(f"cannot write into {parent} ({exc.strerror}): choose another --out") from None
     if not out.exists():
         return out
     if not overwrite:
@@ -274,6 +301,60 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False) -> Pa
             "refusing to overwrite it: choose another --out"
         )
     return out
+
+
+def partial_dir(out_dir: str | os.PathLike) -> Path:
+    """Where an interrupted ``prune --out OUT`` keeps its finished layers: ``OUT.partial`` beside it (``OUT/`` with
+    a trailing slash names the same folder)."""
+    out = Path(out_dir).expanduser().absolute()
+    return out.with_name(out.name + ".partial")
+
+
+class OutputLock:
+    """``OUT.lock`` beside the output while a run writes it: a second run on the same ``--out`` is refused at once,
+    naming the first one's pid. A lock whose process is gone (a crash, SIGKILL) is stale and taken over."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        out = Path(out_dir).expanduser().absolute()
+        self.path = out.with_name(out.name + ".lock")
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise FileExistsError(
+                        f"another sparsekern run (pid {owner}) is writing {self.path.with_suffix('')}: wait for it "
+                        f"to finish or choose another --out (if no such run exists, remove {self.path})") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise FileExistsError(f"could not take the lock {self.path}; remove it if no sparsekern run is writing there")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None  # being written right now, or garbage: treated as stale after the check below
+
+    def __exit__(self, *exc) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _swap_into_place(new: Path, out: Path) -> None:

@@ -80,9 +80,9 @@ def wanda_prune(
 ) -> torch.Tensor:
     """Zero, in place, the lowest |W_ij| * act_norm_j of each row (unstructured) or of every prune_m inputs
     (N:M); return the bool mask. weight [rows, cols] fp32/fp16/bf16; act_norm [cols] (L2 norm per input)."""
+    _check_pattern(weight, sparsity, prune_n, prune_m)
     if act_norm.shape != (weight.shape[1],):
         raise ValueError(f"act_norm has shape {tuple(act_norm.shape)}, expected ({weight.shape[1]},)")
-    _check_pattern(weight, sparsity, prune_n, prune_m)
     return _implementation("wanda_prune", weight)(weight, act_norm, sparsity, prune_n, prune_m)
 
 
@@ -154,8 +154,7 @@ def sparsegpt_sweep(
     computes group g's grid when the sweep reaches column g * groupsize and writes it there (G = ceil(B /
     groupsize)). The caller applies ``W[:, right] -= err @ U[block, right]`` afterwards.
     """
-    rows, width = block.shape
-    if block.dim() != 2 or hinv_block.shape != (width, width):
+    if block.dim() != 2 or hinv_block.shape != (block.shape[1],) * 2:
         raise ValueError(f"block {tuple(block.shape)} and hinv_block {tuple(hinv_block.shape)} must be [rows, B] "
                          "and [B, B]")
     if prune_n:
@@ -260,8 +259,8 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     """y = x @ W^T + bias for a compressed 2:4 weight W [N, K]: x [..., K] fp16/bf16/fp32 (fp32 accumulation),
     y [..., N] in x's dtype; bias [N] or None."""
     _check_compressed(values, meta)
-    if x.shape[-1] != 2 * values.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight takes {2 * values.shape[1]}")
+    if x.dim() == 0 or x.shape[-1] != 2 * values.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}, but the weight takes {2 * values.shape[1]} features")
     if bias is not None and bias.shape != (values.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({values.shape[0]},)")
     return _implementation("sparse24_linear", x)(x, values, meta, bias)

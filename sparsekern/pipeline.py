@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import inspect
 import sys
 import time
@@ -306,6 +307,11 @@ def _plan(
         plan.append(targets)
     if not any(plan):
         raise ValueError("nothing to prune: every linear layer was excluded by the overrides")
+    names = [f"{layers_name}.{index}.{name}" for index, layer in enumerate(layers) for name in find_linears(layer)]
+    for glob in overrides or {}:
+        if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+            raise ValueError(f"override {glob!r} matches no linear layer (they are named like {names[0]!r}); "
+                             "fix the glob or drop it")
     return plan
 
 

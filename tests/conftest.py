@@ -81,16 +81,23 @@ def lee_available():
     return path
 
 
-def _make_char_tokenizer(model_max_length: int = 64):
+def _make_char_tokenizer(model_max_length: int = 64, bos: bool = False):
     """A Hugging Face fast tokenizer built offline: one token per ASCII character (id = code point),
-    anything else -> [UNK] (id 128). model_max_length is small on purpose, to exercise long inputs."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    anything else -> [UNK] (id 128). model_max_length is small on purpose, to exercise long inputs.
+    bos=True: like Gemma's and Llama's, it starts every text with its BOS token "<bos>" (id 129)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {chr(i): i for i in range(128)}
     vocab["[UNK]"] = 128
+    if bos:
+        vocab["<bos>"] = 129
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 129)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<bos>",
+                                       model_max_length=model_max_length)
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", model_max_length=model_max_length)
 
 
@@ -109,6 +116,12 @@ def _make_tiny_llama(vocab_size: int = 129, seed: int = 0):
 @pytest.fixture
 def char_tokenizer():
     return _make_char_tokenizer()
+
+
+@pytest.fixture
+def bos_tokenizer():
+    """A character tokenizer that adds a BOS token to every text, as Gemma's does."""
+    return _make_char_tokenizer(bos=True)
 
 
 @pytest.fixture

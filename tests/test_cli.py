@@ -63,6 +63,25 @@ def test_eval_and_generate(capsys, tiny_folder, text_file):
     assert json.loads(stdout)["prompt"] == "abc"
 
 
+def test_bos_option_reaches_calibration_and_eval(capsys, tmp_path, tiny_llama, bos_tokenizer, text_file):
+    """A tokenizer that adds BOS (Gemma-style): prune records BOS-led calibration; eval scores BOS-led windows
+    unless --bos never."""
+    folder = tmp_path / "gemma-style"
+    tiny_llama.resize_token_embeddings(130)
+    tiny_llama.save_pretrained(folder)
+    bos_tokenizer.save_pretrained(folder)
+    for bos, expected in [("auto", 129), ("never", None)]:
+        out = tmp_path / f"out-{bos}"
+        code, _, _ = run(capsys, "prune", folder, "--method", "wanda", "--calib", text_file, "--nsamples", 2,
+                         "--seqlen", 16, "--out", out, "--quiet", "--bos", bos)
+        assert code == 0
+        calibration = json.loads((out / "sparsity.json").read_text())["calibration"]
+        assert calibration["bos"] == bos and calibration["bos_token_id"] == expected
+        code, stdout, _ = run(capsys, "eval", folder, "--data", text_file, "--seqlen", 32, "--json", "--quiet",
+                              "--bos", bos)
+        assert code == 0 and json.loads(stdout)["bos_token_id"] == expected
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--sparsity", "1.5"], "outside [0, 1)"),
     (["--sparsity", "4:4"], "0 < N < M"),
@@ -70,6 +89,7 @@ def test_eval_and_generate(capsys, tiny_folder, text_file):
     (["--method", "wanda", "--wbits", "4"], "SparseGPT options"),
     (["--override", "nonsense"], "GLOB=PATTERN"),
     (["--calib", "nosuchcorpus"], "nosuchcorpus"),
+    (["--bos", "always"], "--bos always: this tokenizer has no BOS token"),
 ])
 def test_bad_arguments_fail_clearly_and_write_nothing(capsys, tmp_path, tiny_folder, extra, words):
     out = tmp_path / "out"
@@ -120,3 +140,15 @@ def test_blocksize_not_multiple_of_m_is_refused_before_work(capsys, tmp_path, ti
     code, _, stderr = run(capsys, "prune", tiny_folder, "--sparsity", "4:8", "--blocksize", "12", "--calib",
                           text_file, "--nsamples", 2, "--seqlen", 16, "--out", tmp_path / "o", "--quiet")
     assert code == 2 and "model.layers.0.self_attn.q_proj" in stderr and "--blocksize 12" in stderr
+
+
+def test_interrupt_hint_names_the_partial_folder_even_with_a_trailing_slash(capsys, tmp_path, tiny_folder,
+                                                                            text_file, interrupt_at):
+    from sparsekern.prune.wanda import Wanda
+
+    interrupt_at(Wanda, "model.layers.1.")
+    code, _, stderr = run(capsys, "prune", tiny_folder, "--method", "wanda", "--calib", text_file, "--nsamples", 2,
+                          "--seqlen", 16, "--quiet", "--out", f"{tmp_path / 'out'}/")
+    assert code == 130
+    assert f"finished layers are kept in {tmp_path / 'out.partial'}" in stderr, stderr
+    assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out.lock").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsekern import data
-from sparsekern.data import calibration_windows, eval_tokens, load_text
+from sparsekern.data import calibration_windows, eval_tokens, load_text, window_bos
 
 TEXT = "".join(f"Sentence number {i} talks about pruning weights. " for i in range(60))  # ~3k chars
 
@@ -43,7 +43,7 @@ def test_windows_need_seqlen_plus_one_tokens(char_tokenizer, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("x" * 100)
     calibration_windows(char_tokenizer, str(path), nsamples=2, seqlen=99)
-    with pytest.raises(ValueError, match=r"100 tokens.*seqlen \+ 1 = 101"):
+    with pytest.raises(ValueError, match=r"100 tokens.*the 101 needed"):
         calibration_windows(char_tokenizer, str(path), nsamples=2, seqlen=100)
 
 
@@ -133,3 +133,47 @@ def test_fetch_lee_extracts_verified_file_atomically(monkeypatch, tmp_path):
     path = data.fetch_lee()
     assert path == data.lee_path() and path.read_bytes() == payload
     assert load_text("lee", "train") == "doc one"  # int(2 * 0.85) = 1 document for training
+
+
+# -- windows that start like the model's sequences (BOS) -------------------------------------------------------
+
+
+def test_bos_is_detected_from_what_the_tokenizer_does(char_tokenizer, bos_tokenizer):
+    assert bos_tokenizer("ab").input_ids == [129, 97, 98]  # the Gemma-style fixture adds its BOS
+    assert window_bos(bos_tokenizer) == window_bos(bos_tokenizer, "always") == 129
+    assert window_bos(bos_tokenizer, "never") is None
+    assert window_bos(char_tokenizer) is None and window_bos(char_tokenizer, "never") is None
+    with pytest.raises(ValueError, match="--bos always: this tokenizer has no BOS token"):
+        window_bos(char_tokenizer, "always")
+    with pytest.raises(ValueError, match="--bos 'sometimes' is not one of auto, always, never"):
+        window_bos(char_tokenizer, "sometimes")
+
+
+def test_calibration_windows_start_with_bos_and_continue_the_text(bos_tokenizer, txt_source):
+    windows = calibration_windows(bos_tokenizer, txt_source, nsamples=6, seqlen=50, seed=0)
+    assert windows.shape == (6, 50) and (windows[:, 0] == 129).all()
+    stream = eval_tokens(bos_tokenizer, txt_source)[0]
+    assert 129 not in stream.tolist()  # the stream itself holds no special tokens then
+    assert stream.tolist() == [ord(c) for c in TEXT]
+    assert all(_find(w[1:], stream) for w in windows)
+
+
+def test_bos_never_is_the_published_protocol(bos_tokenizer, txt_source):
+    """Windows cut from the stream as the tokenizer makes it: its BOS at the very start of the text only."""
+    stream = eval_tokens(bos_tokenizer, txt_source, bos="never")[0]
+    assert stream[0] == 129 and 129 not in stream[1:].tolist()
+    windows = calibration_windows(bos_tokenizer, txt_source, nsamples=6, seqlen=50, seed=0, bos="never")
+    assert all(_find(w, stream) for w in windows) and not (windows[:, 0] == 129).all()
+
+
+def test_bos_always_on_a_tokenizer_that_adds_none(char_tokenizer, txt_source):
+    char_tokenizer.bos_token = "\x02"  # a BOS it knows but never adds by itself
+    windows = calibration_windows(char_tokenizer, txt_source, nsamples=3, seqlen=20, seed=0, bos="always")
+    assert (windows[:, 0] == 2).all()
+    assert torch.equal(calibration_windows(char_tokenizer, txt_source, nsamples=3, seqlen=20, seed=0),
+                       calibration_windows(char_tokenizer, txt_source, nsamples=3, seqlen=20, seed=0, bos="never"))
+
+
+def test_windows_reusing_the_text_many_times_warn(char_tokenizer, txt_source):
+    with pytest.warns(UserWarning, match="use each token about 12 times"):
+        calibration_windows(char_tokenizer, txt_source, nsamples=340, seqlen=100, seed=0)

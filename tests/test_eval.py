@@ -49,7 +49,7 @@ def test_window_count_and_max_windows(tiny_llama):
 
 
 def test_short_text_is_a_clear_error(tiny_llama):
-    with pytest.raises(ValueError, match=r"15 tokens, fewer than seqlen=16"):
+    with pytest.raises(ValueError, match=r"15 tokens, fewer than the 16 needed for one window of seqlen=16"):
         perplexity(tiny_llama, _stream(15), seqlen=16, progress=False)
 
 
@@ -81,3 +81,20 @@ def test_smollm2_perplexity_on_lee_is_sane(smollm2_path, lee_available):
     result = perplexity(model, eval_tokens(tokenizer, "lee", "test"), seqlen=512, max_windows=4, progress=False)
     assert result["windows"] == 4
     assert 3 < result["perplexity"] < 60  # a working 135M model on news text; random would be ~49k
+
+
+def test_bos_led_windows_score_every_stream_token(tiny_llama):
+    """With a BOS each window is BOS + seqlen - 1 stream tokens, all predicted; the count per window is unchanged."""
+    stream = _stream(100, vocab=128)
+    bos = 128
+    result = perplexity(tiny_llama, stream, seqlen=16, batch_size=4, progress=False, bos_token_id=bos)
+    assert result["windows"] == 100 // 15 and result["tokens"] == 6 * 15
+    total = 0.0
+    for start in range(0, 90, 15):
+        window = torch.cat([torch.tensor([[bos]]), stream[:, start : start + 15]], dim=1)
+        with torch.no_grad():
+            logp = F.log_softmax(tiny_llama(window).logits[0, :-1].double(), dim=-1)
+        total -= logp.gather(1, window[0, 1:, None]).sum().item()
+    assert result["nll"] == pytest.approx(total / 90, rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than the 15 needed"):
+        perplexity(tiny_llama, _stream(14), seqlen=16, progress=False, bos_token_id=bos)

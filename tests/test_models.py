@@ -42,8 +42,17 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 
 def test_existing_hf_folder_returned_as_is(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert resolve_model(str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("content, words", [("{}", 'no "model_type"'), ("{not json", "cannot be read as JSON"),
+                                            (b"\xff\xfe", "cannot be read as JSON")])
+def test_damaged_config_is_named(tmp_path, content, words):
+    config = tmp_path / "config.json"
+    config.write_bytes(content) if isinstance(content, bytes) else config.write_text(content)
+    with pytest.raises(ValueError, match=words):
+        resolve_model(str(tmp_path))
 
 
 def test_hub_id_not_cached_offline_is_a_clear_error():

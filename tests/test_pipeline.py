@@ -43,18 +43,18 @@ SLIDING_WINDOW = 4  # below SEQLEN: sliding-window and full-attention layers see
 # -- tiny models -------------------------------------------------------------------------------------------
 
 
-def _llama_like(config_cls, model_cls, **extra):
+def _llama_like(config_cls, model_cls, vocab_size=VOCAB, **extra):
     config = config_cls(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, **extra,
     )
     return model_cls(config)
 
 
-def _gemma(config_cls, model_cls):
+def _gemma(config_cls, model_cls, vocab_size=VOCAB):
     # Layer 0 slides (window 4), layer 1 attends fully; Gemma 3 also gives them different rotary bases.
     return _llama_like(
-        config_cls, model_cls, head_dim=8, sliding_window=SLIDING_WINDOW,
+        config_cls, model_cls, vocab_size, head_dim=8, sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],
     )
 
@@ -557,3 +557,24 @@ def test_tuple_output_model(hidden_as_kwarg):
         groups = input_groups(model.layers[0], find_linears(model.layers[0]),
                               lambda: calls[0][0](model.layers[0], hidden[0]))
     assert groups == [["up", "gate"], ["down"]]
+
+
+@pytest.mark.parametrize("bos, starts_with_bos", [("auto", True), ("never", False)])
+def test_gemma3_calibrates_on_bos_led_windows(bos_tokenizer, tmp_path, monkeypatch, bos, starts_with_bos):
+    """A Gemma-3-style model with a tokenizer that adds BOS: every calibration window reaching the layers starts
+    with it (unless --bos never), and sparsity.json's calibration record says so."""
+    torch.manual_seed(0)
+    model = _gemma(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, vocab_size=130).eval()
+    text = tmp_path / "calib.txt"
+    text.write_text("Gemma sees a BOS token at the start of every training sequence. " * 20)
+    seen = []
+    real_prune_layers = sparsekern.api.prune_layers
+    monkeypatch.setattr(sparsekern.api, "prune_layers",
+                        lambda model, method, pattern, calibration, **kw: seen.append(calibration)
+                        or real_prune_layers(model, method, pattern, calibration, **kw))
+    report = sparsekern.prune(model, bos_tokenizer, method="wanda", calib=str(text), nsamples=4, seqlen=SEQLEN,
+                              bos=bos, progress=False)
+    (windows,) = seen
+    assert windows.shape == (4, SEQLEN) and bool((windows[:, 0] == 129).all()) == starts_with_bos
+    assert report.calibration["bos"] == bos
+    assert report.calibration["bos_token_id"] == (129 if starts_with_bos else None)
