@@ -93,7 +93,8 @@ def prune(
     device: where layers are pruned (default: CUDA when available, else the model's device); the model itself
         stays where it is, so a model larger than the GPU prunes.
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
-    resume_dir: a folder recording each finished layer; rerunning with the same settings resumes there.
+    resume_dir: a folder recording each finished layer; rerunning with the same model, settings and calibration
+        resumes there (``time_s`` then includes the earlier runs).
     """
     start = time.perf_counter()
     pattern, algorithm = check_arguments(
@@ -106,13 +107,14 @@ def prune(
     calibration_ids, calibration_info = None, None
     if algorithm.stats is not None:
         calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed, bos)
-    linears = prune_layers(
+    linears, earlier_s = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
         true_sequential=true_sequential, overrides=overrides, progress=progress, resume_dir=resume_dir,
     )
     options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
+    # time_s counts the interrupted runs this one resumed, too
     return PruneReport(algorithm.name, str(pattern), options, calibration_info, linears,
-                       time.perf_counter() - start)
+                       earlier_s + time.perf_counter() - start)
 
 
 # The API's typed arguments: (accepted types, may be None). bool is refused where an int is meant (it is one).

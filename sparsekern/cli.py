@@ -16,8 +16,7 @@ import torch
 from .reference import NotPositiveDefiniteError
 
 # Errors a user causes (bad arguments, missing files, unusable data): one clear line, no traceback.
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError,
-               NotPositiveDefiniteError)
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, NotPositiveDefiniteError)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     prune.add_argument("--restart", action="store_true",
                        help="discard the progress an interrupted run left in OUT.partial instead of resuming")
+    prune.add_argument("--no-resume", action="store_true",
+                       help="record no progress (no OUT.partial): nothing to resume from if the run dies")
     _add_model_args(prune)
 
     evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text")
@@ -170,7 +171,7 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
         seqlen=args.seqlen, seed=args.seed, bos=args.bos, wbits=args.wbits, groupsize=args.groupsize,
         blocksize=args.blocksize, percdamp=args.percdamp, lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype,
         device=device, true_sequential=args.true_sequential, overrides=overrides,
-        batch_size=args.batch_size, progress=not args.quiet, resume_dir=str(partial),
+        batch_size=args.batch_size, progress=not args.quiet, resume_dir=None if args.no_resume else str(partial),
     )
     record = {"model": str(args.model), **report.to_dict()}
     save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite)
@@ -290,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         from .models import partial_dir
 
-        partial = partial_dir(args.out) if args.command == "prune" else None
-        hint = f"; finished layers are kept in {partial}, rerun to resume" if partial and partial.exists() else ""
-        print(f"sparsekern {args.command}: interrupted{hint}", file=sys.stderr)
+        from .resume import completed_in
+
+        layers = completed_in(partial_dir(args.out)) if args.command == "prune" else None
+        if layers:
+            print(f"sparsekern prune: interrupted after layer {layers - 1}; rerun the same command to resume "
+                  f"(finished layers are kept in {partial_dir(args.out)})", file=sys.stderr)
+        else:
+            print(f"sparsekern {args.command}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)

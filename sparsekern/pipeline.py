@@ -344,14 +344,16 @@ def prune_layers(
     overrides: Mapping[str, PatternSpec | None] | None = None,
     progress: bool = True,
     resume_dir: str | None = None,
-) -> list[LinearReport]:
-    """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns per-linear reports.
+) -> tuple[list[LinearReport], float]:
+    """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns the per-linear reports
+    and the seconds earlier runs spent on the layers this one resumed from (0.0 without resuming).
 
     calibration: LongTensor [nsamples, seqlen] of token ids (unused by data-free methods).
     device: where each layer is pruned; the model's parameters stay where they are between layers.
-    resume_dir: where each finished layer is recorded (see ``sparsekern.resume``); a run with the same settings
-        continues from the first unfinished layer.
+    resume_dir: where each finished layer is recorded (see ``sparsekern.resume``); a run with the same model,
+        settings and calibration continues from the first unfinished layer.
     """
+    start = time.perf_counter()
     layers_name, layers = find_decoder_layers(model)
     plan = _plan(layers_name, layers, method, pattern, overrides)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -366,12 +368,12 @@ def prune_layers(
                         reports.append(_prune_linear(method, linear, None, chosen, f"{layers_name}.{index}.{name}"))
                 bar.update()
         bar.close()
-        return reports
+        return reports, 0.0
 
     if calibration is None or calibration.numel() == 0:
         raise ValueError(f"method {method.name!r} needs calibration data")
     batches = list(calibration.split(batch_size))
-    state, completed = None, 0
+    state, completed, earlier_s = None, 0, 0.0
     if resume_dir is not None:
         settings = {"method": method.name, "options": method.options(), "pattern": str(pattern),
                     "overrides": dict(overrides or {}), "true_sequential": true_sequential, "batch_size": batch_size}
@@ -385,7 +387,7 @@ def prune_layers(
         finally:
             restore()
         if completed:
-            saved_weights, hidden, saved_reports = state.load(completed, device)
+            saved_weights, hidden, saved_reports, earlier_s = state.load(completed, device)
             for weights, targets in zip(saved_weights, plan):
                 for name, weight in weights.items():
                     weight_matrix(targets[name][0]).data.copy_(weight)
@@ -393,21 +395,32 @@ def prune_layers(
             tqdm.write(f"resuming from {resume_dir}: {completed} of {len(layers)} layers already pruned",
                        file=sys.stderr)
             bar.update(completed)
-        for index, (layer, targets) in enumerate(zip(layers, plan)):
-            if index < completed:
-                continue
-            where = f"{layers_name}.{index}"
-            with _on_device(layer, device):
-                reports += _prune_layer(method, layer, targets, hidden, calls[index], device, where,
-                                        true_sequential, bar)
-                bar.set_postfix_str(f"{where}: outputs")
-                _advance(layer, hidden, calls[index], where)
+        try:
+            for index, (layer, targets) in enumerate(zip(layers, plan)):
+                if index < completed:
+                    continue
+                where = f"{layers_name}.{index}"
+                with _on_device(layer, device):
+                    reports += _prune_layer(method, layer, targets, hidden, calls[index], device, where,
+                                            true_sequential, bar)
+                    bar.set_postfix_str(f"{where}: outputs")
+                    _advance(layer, hidden, calls[index], where)
+                if state is not None:  # written while the next layer computes
+                    weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
+                    state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports],
+                               earlier_s + time.perf_counter() - start)
+                bar.update()
             if state is not None:
-                weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
-                state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports])
-            bar.update()
+                state.wait()
+        except BaseException:
+            if state is not None:  # keep the layer whose writes are under way, then report the first error
+                try:
+                    state.wait()
+                except OSError:
+                    pass
+            raise
     bar.close()
-    return reports
+    return reports, earlier_s
 
 
 def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],

@@ -128,8 +128,9 @@ def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, 
             "--out", out, "--quiet"]
     original = interrupt_at(Wanda, "model.layers.1.")
     code, _, stderr = run(capsys, *argv)
-    assert code == 130 and not out.exists() and "rerun to resume" in stderr
-    assert (tmp_path / "out.partial" / "progress.json").is_file()
+    assert code == 130 and not out.exists()
+    assert "interrupted after layer 0; rerun the same command to resume" in stderr
+    assert (tmp_path / "out.partial" / "manifest.json").is_file() and not (tmp_path / "out.lock").exists()
     monkeypatch.setattr(Wanda, "prune_linear", original)
     code, _, stderr = run(capsys, *argv)
     assert code == 0 and "resuming" in stderr and "1 of 2 layers" in stderr
