@@ -66,3 +66,12 @@ def test_bench_cholesky_quick_rows_and_plot(results, capsys):
     out = results / "cholesky.png"
     assert load("plot").main(["--kind", "cholesky", "--csv", str(results / "cholesky.csv"), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+def test_bench_resume_rows(results):
+    bench = load("bench_resume")
+    assert bench.main(["--sizes", "smollm2", "--nsamples", "2", "--seqlen", "16", "--repeat", "2"]) == 0
+    with open(results / "resume.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["size"] == "smollm2" and int(row["input_bytes"]) >= 2 * 16 * 576 * 4
+    assert 0 < float(row["blocking_ms"]) <= float(row["total_ms"])
