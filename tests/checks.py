@@ -58,3 +58,15 @@ def check_nm_selection(scores: torch.Tensor, mask: torch.Tensor, n: int, m: int)
     highest_pruned = groups.masked_fill(~picked, float("-inf")).amax(-1)
     lowest_kept = groups.masked_fill(picked, float("inf")).amin(-1)
     assert (lowest_kept >= highest_pruned).all(), "a kept score is below a pruned one"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``sparsekern`` run in-process; argparse's own refusals exit via SystemExit."""
+    from sparsekern import cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -130,6 +130,15 @@ def tiny_llama():
 
 
 @pytest.fixture
+def tiny_folder(tmp_path, tiny_llama, char_tokenizer):
+    """The tiny Llama and the character tokenizer saved as a Hugging Face folder (what the CLI takes)."""
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def interrupt_at(monkeypatch):
     """interrupt_at(MethodClass, "model.layers.1."): pruning any linear under that prefix raises
     KeyboardInterrupt, as a user's Ctrl-C would. Returns the method's original prune_linear."""

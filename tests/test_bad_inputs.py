@@ -6,17 +6,10 @@ import time
 
 import pytest
 import torch
+from checks import run_cli as run
 
 import sparsekern
-from sparsekern import cli, models
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_llama, char_tokenizer):
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
+from sparsekern import models
 
 
 @pytest.fixture
@@ -64,15 +57,6 @@ PRUNE_CASES = [
     (["--bos", "sometimes"], "invalid choice: 'sometimes'", True),
     (["--dtype", "float64"], "invalid choice: 'float64'", True),
 ]
-
-
-def run(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse refuses unknown choices itself, with exit code 2
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("extra, words, before_load", PRUNE_CASES, ids=[" ".join(c[0]) for c in PRUNE_CASES])

@@ -3,16 +3,7 @@
 import json
 
 import pytest
-
-from sparsekern import cli
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_llama, char_tokenizer):
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
+from checks import run_cli as run
 
 
 @pytest.fixture
@@ -20,12 +11,6 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     return path
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("method, sparsity", [("sparsegpt", "0.5"), ("wanda", "2:4"), ("magnitude", "4:8")])
