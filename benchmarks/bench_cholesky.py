@@ -17,7 +17,8 @@ PyTorch reference did) and their baselines:
 
 Columns: median and 20/80% quantiles in ms (a call over a second runs 3 times); speedup = baseline median / the
 row's median in the same run (1.0 on the baseline's own row); rel_err = ||F^T F - T||_F / ||T||_F for the factor
-F against the exact target T in float64 (n <= 4096), e.g. T = (H + damp I)^-1; peak_extra_bytes (and peak_extra_n2, in n^2 fp32 units) = memory
+F against the exact target T in float64 (n <= 4096), e.g. T = (H + damp I)^-1; peak_extra_bytes (and
+peak_extra_n2, in n^2 fp32 units) = memory
 beyond the input H at the hinv op's peak, its output included. On the GPU from the allocator's peak statistics;
 on the CPU a high-water-mark estimate: ru_maxrss cannot be reset, so each measurement runs in a process forked
 for it from a helper that has only imported (a fresh heap), which warms the op up at n/4 (LAPACK's code pages and

@@ -337,7 +337,8 @@ TARGETS = [
     Target("Wanda 50% at 7B shapes, fused vs the published per-row sort", "≥ 20×", "prune-ops", _wanda_sort),
     Target("Wanda at 7B shapes, time over its memory-bandwidth floor", "≤ 2×", "prune-ops", _wanda_floor),
     Target("SparseGPT on a 7B-shaped model, fused vs the reference pipeline", "≥ 5×", "prune-model", _model),
-    Target("2:4 GEMM at M ≤ 16, 7B shapes, fp16, vs dense cuBLAS", "≥ 1.5×", "gemm", _gemm("triton", lambda m: m <= 16)),
+    Target("2:4 GEMM at M ≤ 16, 7B shapes, fp16, vs dense cuBLAS", "≥ 1.5×", "gemm",
+           _gemm("triton", lambda m: m <= 16)),
     Target("2:4 GEMM at M ≤ 16 vs cuSPARSELt", "> 1×", "gemm", _gemm_vs_cusparselt),
     Target("2:4 layer (dispatched) at M ≥ 2048 vs dense cuBLAS", "≥ 1×", "gemm",
            _gemm("dispatched", lambda m: m >= 2048)),
@@ -397,8 +398,8 @@ def summary(outcomes: list[StageResult], rows: dict[str, list[dict]], info: dict
     lines += [f"- device: {info.get('device', 'unknown (setup did not finish)')}",
               f"- versions: {info.get('versions', 'unknown')}",
               f"- sparsekern._C native kernels: {info.get('native', 'unknown')}",
-              f"- commit {info.get('commit', 'unknown')}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-              f"UTC; wall {wall_s:.0f} s of the {TOTAL_BUDGET_S} s budget", "", "## Stages", ""]
+              f"- commit {info.get('commit', 'unknown')}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall {wall_s:.0f} s of the {TOTAL_BUDGET_S} s budget", "", "## Stages", ""]
     lines += markdown_table(["stage", "status", "time (s)", "budget (s)", "log"], [
         [o.name, o.status, f"{o.elapsed_s:.0f}", f"{o.budget_s:.0f}", o.log] for o in outcomes])
     status = {o.name: o.status for o in outcomes}
@@ -477,7 +478,8 @@ def cmd_run(args) -> int:
         if tests_log.exists():
             info["tests"], info["failures"] = parse_pytest(tests_log.read_text(errors="replace"))
         write_results(rows, out / "results.csv", args.dry)
-        text = summary(outcomes, rows, info, args.dry, time.monotonic() - start, _dispatch_entries(rows.get("gemm", [])))
+        text = summary(outcomes, rows, info, args.dry, time.monotonic() - start,
+                       _dispatch_entries(rows.get("gemm", [])))
         (out / "summary.md").write_text(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

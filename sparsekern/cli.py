@@ -16,7 +16,7 @@ import torch
 from .reference import NotPositiveDefiniteError
 
 # Errors a user causes (bad arguments, missing files, unusable data): one clear line, no traceback.
-USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, NotPositiveDefiniteError)
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, MemoryError, NotPositiveDefiniteError)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +169,8 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
     report = prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, bos=args.bos, wbits=args.wbits, groupsize=args.groupsize,
-        blocksize=args.blocksize, percdamp=args.percdamp, lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype,
+        blocksize=args.blocksize, percdamp=args.percdamp, lazy_precision=args.lazy_precision,
+        hessian_dtype=args.hessian_dtype,
         device=device, true_sequential=args.true_sequential, overrides=overrides,
         batch_size=args.batch_size, progress=not args.quiet, resume_dir=None if args.no_resume else str(partial),
     )

@@ -20,6 +20,7 @@ import fnmatch
 import inspect
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -91,6 +92,7 @@ class LayerCall:
     hidden_as_kwarg: bool
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> Any:
+        hidden = hidden.to(next(layer.parameters()).device)  # a no-op, unless the activations were offloaded
         if self.hidden_as_kwarg:
             return layer(*self.args, hidden_states=hidden, **self.kwargs)
         return layer(hidden, *self.args, **self.kwargs)
@@ -287,31 +289,30 @@ def _plan(
     layers_name: str, layers: nn.ModuleList, method: Method, pattern: SparsityPattern,
     overrides: Mapping[str, PatternSpec | None] | None,
 ) -> list[dict[str, tuple[nn.Module, SparsityPattern]]]:
-    """Per layer: the linears to prune and their patterns. Checks every shape before any work starts."""
-    plan = []
-    for index, layer in enumerate(layers):
-        targets = {}
-        for name, linear in find_linears(layer).items():
-            full_name = f"{layers_name}.{index}.{name}"
-            chosen = resolve_pattern(full_name, pattern, overrides)
-            if chosen is None:
-                continue
-            chosen.check_columns(weight_matrix(linear).shape[1], full_name)
-            method.validate(chosen, full_name)
-            # Checked here, before any layer is calibrated or modified, not only when the linear is pruned:
-            # a NaN weight poisons the layer's activations, so the first error would otherwise come from the
-            # statistics of a linear downstream of it (blaming its inputs and the dtype, not the damaged
-            # weight), and layers before it would already have been pruned in place.
-            _check_weight(weight_matrix(linear), full_name)
-            targets[name] = (linear, chosen)
-        plan.append(targets)
-    if not any(plan):
-        raise ValueError("nothing to prune: every linear layer was excluded by the overrides")
-    names = [f"{layers_name}.{index}.{name}" for index, layer in enumerate(layers) for name in find_linears(layer)]
+    """Per layer: the linears to prune and their patterns. Checks every override, shape and weight before any
+    work starts."""
+    linears = [(index, name, linear) for index, layer in enumerate(layers)
+               for name, linear in find_linears(layer).items()]
+    names = [f"{layers_name}.{index}.{name}" for index, name, _ in linears]
     for glob in overrides or {}:
         if not any(fnmatch.fnmatchcase(name, glob) for name in names):
             raise ValueError(f"override {glob!r} matches no linear layer (they are named like {names[0]!r}); "
                              "fix the glob or drop it")
+    plan: list[dict[str, tuple[nn.Module, SparsityPattern]]] = [{} for _ in layers]
+    for (index, name, linear), full_name in zip(linears, names):
+        chosen = resolve_pattern(full_name, pattern, overrides)
+        if chosen is None:
+            continue
+        chosen.check_columns(weight_matrix(linear).shape[1], full_name)
+        method.validate(chosen, full_name)
+        # Checked here, before any layer is calibrated or modified, not only when the linear is pruned:
+        # a NaN weight poisons the layer's activations, so the first error would otherwise come from the
+        # statistics of a linear downstream of it (blaming its inputs and the dtype, not the damaged
+        # weight), and layers before it would already have been pruned in place.
+        _check_weight(weight_matrix(linear), full_name)
+        plan[index][name] = (linear, chosen)
+    if not any(plan):
+        raise ValueError("nothing to prune: every linear layer was excluded by the overrides")
     return plan
 
 
@@ -400,11 +401,8 @@ def prune_layers(
                 if index < completed:
                     continue
                 where = f"{layers_name}.{index}"
-                with _on_device(layer, device):
-                    reports += _prune_layer(method, layer, targets, hidden, calls[index], device, where,
-                                            true_sequential, bar)
-                    bar.set_postfix_str(f"{where}: outputs")
-                    _advance(layer, hidden, calls[index], where)
+                reports += _prune_and_advance(method, layer, targets, hidden, calls[index], device, where,
+                                              true_sequential, bar, batch_size)
                 if state is not None:  # written while the next layer computes
                     weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
                     state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports],
@@ -421,6 +419,42 @@ def prune_layers(
             raise
     bar.close()
     return reports, earlier_s
+
+
+def _prune_and_advance(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],
+                       hidden: list[torch.Tensor], calls: list[LayerCall], device: torch.device, where: str,
+                       true_sequential: bool, bar: tqdm, batch_size: int) -> list[LinearReport]:
+    """Prune one layer on ``device`` and turn ``hidden`` into the next layer's inputs.
+
+    Out of GPU memory with the calibration activations on the GPU, the layer gets its dense weights back, the
+    activations move to the CPU (each batch then visits the GPU with the layer) and the layer is pruned again, once;
+    out of memory with them on the CPU already, the error names the layer, the sizes and the fixes."""
+    dense = {name: weight_matrix(linear).detach().to("cpu", copy=True) for name, (linear, _) in targets.items()} \
+        if device.type == "cuda" else None
+    for attempt in range(2):
+        try:
+            with _on_device(layer, device):
+                reports = _prune_layer(method, layer, targets, hidden, calls, device, where, true_sequential, bar)
+                bar.set_postfix_str(f"{where}: outputs")
+                _advance(layer, hidden, calls, where)
+            return reports
+        except torch.OutOfMemoryError as exc:
+            offloaded = hidden[0].device.type == "cpu"
+            sizes = (f"{len(calls)} batches of {tuple(hidden[0].shape)} {str(hidden[0].dtype).removeprefix('torch.')} "
+                     f"activations, {sum(h.numel() * h.element_size() for h in hidden) / 2**30:.2f} GiB")
+            if offloaded or attempt or dense is None:
+                raise MemoryError(
+                    f"{where}: out of {device.type.upper()} memory ({str(exc).splitlines()[0][:200]}) with {sizes}"
+                    f"{' kept on the CPU' if offloaded else ''}: lower --batch-size (now {batch_size}) or "
+                    "--nsamples, or prune on a device with more memory") from None
+            for name, (linear, _) in targets.items():  # a partly pruned layer is pruned again from dense
+                weight_matrix(linear).data.copy_(dense[name])
+            for b, h in enumerate(hidden):
+                hidden[b] = h.to("cpu")
+            torch.cuda.empty_cache()
+            warnings.warn(f"{where}: out of GPU memory with {sizes} on the GPU; they are kept on the CPU from now "
+                          "on (slower; a smaller --batch-size keeps them on the GPU)", stacklevel=2)
+    raise AssertionError("unreachable")
 
 
 def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],
@@ -460,7 +494,7 @@ def _advance(layer: nn.Module, hidden: list[torch.Tensor], calls: list[LayerCall
                 f"{where}: outputs contain NaN or Inf after pruning; try float32 (--dtype) "
                 "or a lower sparsity for this layer"
             )
-        hidden[b] = out
+        hidden[b] = out.to(hidden[b].device)  # stays where the activations are kept (offloaded: the CPU)
 
 
 def _collect(method: Method, layer: nn.Module, linears: Mapping[str, nn.Module], groups: list[list[str]],

@@ -131,11 +131,12 @@ class ResumeState:
 
     def save(self, completed: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor],
              reports: list[dict], time_s: float) -> None:
-        """Record that layers [0, completed) are done: this layer's new weights and the next layer's inputs. The
-        tensors are copied to the CPU now; the files are written in the background (see :meth:`wait`)."""
+        """Record that layers [0, completed) are done: this layer's new weights and the next layer's inputs. GPU
+        tensors are copied to the CPU now (CPU ones are kept as they are: the pipeline replaces them, never writes
+        into them); the files are written in the background (see :meth:`wait`)."""
         self.wait()
-        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-        hidden = {str(b): h.detach().to("cpu", copy=True).contiguous() for b, h in enumerate(hidden)}
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        hidden = {str(b): h.detach().to("cpu").contiguous() for b, h in enumerate(hidden)}
         args = (completed, weights, hidden, [dict(r) for r in reports], time_s)
         self._writer = threading.Thread(target=self._commit, args=args, name="sparsekern-resume", daemon=True)
         self._writer.start()

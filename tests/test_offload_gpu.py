@@ -26,3 +26,28 @@ def test_cpu_model_pruned_on_gpu_matches_cpu(tiny_llama, method):
     with torch.no_grad():
         expected, got = on_cpu(ids).logits, offloaded(ids).logits
     assert ((expected - got).norm() / expected.norm()).item() < 0.05
+
+
+@pytest.mark.gpu
+def test_out_of_gpu_memory_moves_the_activations_to_the_cpu_and_prunes_the_layer_again(tiny_llama, monkeypatch):
+    from sparsekern.prune.wanda import Wanda
+
+    calibration = torch.randint(0, 129, (4, 16), generator=torch.Generator().manual_seed(0))
+    expected = type(tiny_llama)(tiny_llama.config).eval()
+    expected.load_state_dict(tiny_llama.state_dict())
+    sparsekern.prune(expected, method="wanda", sparsity="0.5", calib=calibration, device="cuda", progress=False)
+    original, failed = Wanda.prune_linear, []
+
+    def once_out_of_memory(self, weight, prepared, pattern, where):
+        if where == "model.layers.1.mlp.up_proj" and not failed:  # after the layer's first linears were pruned
+            failed.append(where)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, weight, prepared, pattern, where)
+
+    monkeypatch.setattr(Wanda, "prune_linear", once_out_of_memory)
+    with pytest.warns(UserWarning, match="model.layers.1: out of GPU memory .* kept on the CPU from now on"):
+        sparsekern.prune(tiny_llama, method="wanda", sparsity="0.5", calib=calibration, device="cuda",
+                         progress=False)
+    assert failed
+    for (name, a), b in zip(expected.state_dict().items(), tiny_llama.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -578,3 +578,17 @@ def test_gemma3_calibrates_on_bos_led_windows(bos_tokenizer, tmp_path, monkeypat
     assert windows.shape == (4, SEQLEN) and bool((windows[:, 0] == 129).all()) == starts_with_bos
     assert report.calibration["bos"] == bos
     assert report.calibration["bos_token_id"] == (129 if starts_with_bos else None)
+
+
+def test_out_of_memory_names_the_layer_the_sizes_and_the_fixes(tiny_llama, monkeypatch):
+    from sparsekern.prune.wanda import Wanda
+
+    def out_of_memory(self, weight, prepared, pattern, where):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Wanda, "prune_linear", out_of_memory)
+    calibration = torch.randint(0, VOCAB, (4, SEQLEN), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MemoryError, match=r"model\.layers\.0: out of CPU memory \(CUDA out of memory.*2 batches of "
+                                          r"\(2, 16, 32\) float32 activations.*kept on the CPU: lower --batch-size "
+                                          r"\(now 2\) or --nsamples"):
+        sparsekern.prune(tiny_llama, method="wanda", calib=calibration, batch_size=2, progress=False, device="cpu")
