@@ -174,14 +174,17 @@ def kill_and_rerun(cli_setup, name, mode, value) -> bool:
     return checkpoint_digest(out) == checkpoint_digest(reference)
 
 
-# A boundary inside the last layer's writes (its hidden file renamed, the manifest not yet), the manifest's rename,
-# and the checkpoint's swap into place: the moments a half-written state is likeliest.
-FAST_POINTS = [("boundary", 16), ("boundary", 25), ("boundary", -2)]
+# The tiny model's run has 30 boundaries: 14 per layer (fsync and rename of the weights, of the inputs and of the
+# manifest, then the folder's fsync; before and after each), then the checkpoint's swap into place. make test kills
+# at three: the last layer's inputs renamed but its manifest not yet (22), just before the manifest's rename (25),
+# and just before the checkpoint's swap (-2 from the end); the slow test kills at all of them.
+FAST_POINTS = [("boundary", 22), ("boundary", 25), ("boundary", -2)]
 
 
 @pytest.mark.parametrize("mode, value", FAST_POINTS)
 def test_sigkill_at_a_write_boundary_then_rerun_gives_the_same_checkpoint(cli_setup, mode, value):
     boundaries = cli_setup[3]
+    assert boundaries == 30, "the kill points above were chosen for 30 boundaries"
     point = value if value > 0 else boundaries + 1 + value
     assert kill_and_rerun(cli_setup, f"fast-{point}", mode, point)
 
