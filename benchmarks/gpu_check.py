@@ -399,7 +399,8 @@ def summary(outcomes: list[StageResult], rows: dict[str, list[dict]], info: dict
               f"- versions: {info.get('versions', 'unknown')}",
               f"- sparsekern._C native kernels: {info.get('native', 'unknown')}",
               f"- commit {info.get('commit', 'unknown')}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall {wall_s:.0f} s of the {TOTAL_BUDGET_S} s budget", "", "## Stages", ""]
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall {wall_s:.0f} s of the "
+              f"{TOTAL_BUDGET_S} s budget", "", "## Stages", ""]
     lines += markdown_table(["stage", "status", "time (s)", "budget (s)", "log"], [
         [o.name, o.status, f"{o.elapsed_s:.0f}", f"{o.budget_s:.0f}", o.log] for o in outcomes])
     status = {o.name: o.status for o in outcomes}
