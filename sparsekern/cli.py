@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .prune import REGISTRY, option_specs
 from .reference import NotPositiveDefiniteError
 
 # Errors a user causes (bad arguments, missing files, unusable data): one clear line, no traceback.
@@ -35,6 +36,23 @@ def _add_bos_arg(parser: argparse.ArgumentParser) -> None:
                              "from the middle of the stream)")
 
 
+def _add_step_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option the registered steps declare (``sparsekern.prune.registry``); default None: the step's
+    own default. Which steps take it is in its help."""
+    group = parser.add_argument_group("options of the methods, updates and refinements")
+    for spec in option_specs().values():
+        takers = ", ".join(f"{taker} ({default})" for taker, default in spec.takers.items())
+        kwargs = {"action": "store_true", "default": None} if spec.type is bool else {"type": spec.type}
+        if spec.choices is not None:
+            kwargs["choices"] = [c for c in spec.choices if c is not None]
+        group.add_argument(spec.flag, dest=spec.name, metavar=None if spec.choices or spec.type is bool else
+                           spec.type.__name__.upper(), help=f"{spec.help}. For: {takers}", **kwargs)
+
+
+def _step_options(args) -> dict:
+    return {name: getattr(args, name) for name in option_specs()}
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad argument gets one line naming it, like every other user error (argparse prints the usage first)."""
 
@@ -48,10 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model one layer at a time and save a Hugging Face checkpoint")
     prune.add_argument("model", help="a local Hugging Face folder, or an alias such as smollm2-135m")
-    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude", "obc"],
-                       help="sparsegpt (default), wanda, magnitude, or obc: exact greedy OBS per row, a quality "
+    prune.add_argument("--method", default="sparsegpt", choices=sorted(REGISTRY["method"]),
+                       help="sparsegpt (default), wanda, ria, magnitude, or obc: exact greedy OBS per row, a quality "
                             "ceiling for SparseGPT that costs O(rows * k * n^2) per linear (k pruned of n inputs): "
                             "for small models only")
+    prune.add_argument("--update", default="none", choices=["none", *sorted(REGISTRY["update"])],
+                       help="obs: reconstruct the kept weights on the method's mask with SparseGPT's OBS sweep (for "
+                            "wanda, ria, magnitude); none (default)")
+    prune.add_argument("--refine", default="none", choices=["none", *sorted(REGISTRY["refine"])],
+                       help="improve each linear's mask after the method (and update), keeping its pattern: dsnot "
+                            "(training-free prune-and-grow swaps), or none (default)")
+    prune.add_argument("--allocation", default="uniform", metavar="{uniform,owl,sensitivity,FILE.json}",
+                       help="spread an unstructured --sparsity over the decoder layers: uniform (default), owl "
+                            "(layers with more activation outliers pruned less), sensitivity (a depth schedule "
+                            "fitted on the calibration loss), or a JSON file {layer index: sparsity}; the average "
+                            "over the pruned parameters stays the target")
     prune.add_argument("--sparsity", default="0.5", help="a ratio such as 0.5, or N:M such as 2:4 (default 0.5)")
     prune.add_argument("--calib", default="lee",
                        help="calibration text: lee (built in), wikitext2, c4, ptb, or a .txt/.jsonl path")
@@ -59,16 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     _add_bos_arg(prune)
-    prune.add_argument("--wbits", type=int, default=None, help="SparseGPT: also quantize kept weights to B bits")
-    prune.add_argument("--groupsize", type=int, default=None, help="SparseGPT: quantization group size")
-    prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per sweep block (128)")
-    prune.add_argument("--percdamp", type=float, default=None,
-                       help="SparseGPT, OBC: Hessian damping as a fraction of its mean diagonal (0.01)")
-    prune.add_argument("--lazy-precision", default=None, choices=["ieee", "tf32"],
-                       help="SparseGPT: precision of the lazy-update GEMM (default ieee, i.e. fp32)")
-    prune.add_argument("--hessian-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                       help="SparseGPT, OBC: cast calibration inputs before accumulating the Hessian in fp32 "
-                            "(default: as the model produces them)")
+    _add_step_options(prune)
     prune.add_argument("--true-sequential", action="store_true",
                        help="prune each layer's input groups in order, re-collecting statistics in between")
     prune.add_argument("--override", action="append", default=[], metavar="GLOB=PATTERN",
@@ -82,13 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="record no progress (no OUT.partial): nothing to resume from if the run dies")
     _add_model_args(prune)
 
-    evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text")
+    evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text, or zero-shot "
+                                           "task accuracy with lm-evaluation-harness (--tasks)")
     evaluate.add_argument("model", help="a pruned checkpoint folder, any Hugging Face folder, or an alias")
     evaluate.add_argument("--data", default="lee", help="lee (its held-out split), wikitext2, c4, ptb, or a path")
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     evaluate.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows (or task requests) per forward pass")
+    evaluate.add_argument("--tasks", default=None,
+                          help="instead of perplexity, zero-shot accuracy (lm-evaluation-harness, pip install "
+                               "'sparsekern[tasks]'): comma-separated lm-eval task names (the papers': piqa,arc_easy,"
+                               "arc_challenge,hellaswag,winogrande,boolq,rte,openbookqa; their datasets come from the "
+                               "Hugging Face hub), task YAML files, or folders of them; a YAML with dataset_path: json "
+                               "and dataset_kwargs: {data_files: FILE} runs on local JSON/JSONL. --bos never tokenizes "
+                               "the requests without the tokenizer's special tokens")
+    evaluate.add_argument("--limit", type=int, default=None,
+                          help="with --tasks: score only the first N documents of each task (a quick look)")
     _add_bos_arg(evaluate)
     _add_model_args(evaluate)
 
@@ -147,9 +177,8 @@ def cmd_prune(args) -> dict:
     device = _device(args.device)
     check_arguments(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
                     seqlen=args.seqlen, seed=args.seed, bos=args.bos, batch_size=args.batch_size,
-                    true_sequential=args.true_sequential, progress=not args.quiet, wbits=args.wbits,
-                    groupsize=args.groupsize, blocksize=args.blocksize, percdamp=args.percdamp,
-                    lazy_precision=args.lazy_precision, hessian_dtype=args.hessian_dtype)
+                    true_sequential=args.true_sequential, progress=not args.quiet, update=args.update,
+                    refine=args.refine, allocation=args.allocation, **_step_options(args))
     out = Path(args.out)
     source = resolve_model(args.model)
     check_destination(out, args.overwrite, source)
@@ -168,11 +197,10 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
     model, tokenizer = load_model(source, dtype=args.dtype)  # stays on the CPU: layers visit the device
     report = prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, bos=args.bos, wbits=args.wbits, groupsize=args.groupsize,
-        blocksize=args.blocksize, percdamp=args.percdamp, lazy_precision=args.lazy_precision,
-        hessian_dtype=args.hessian_dtype,
-        device=device, true_sequential=args.true_sequential, overrides=overrides,
+        seqlen=args.seqlen, seed=args.seed, bos=args.bos, update=args.update, refine=args.refine,
+        allocation=args.allocation, device=device, true_sequential=args.true_sequential, overrides=overrides,
         batch_size=args.batch_size, progress=not args.quiet, resume_dir=None if args.no_resume else str(partial),
+        **_step_options(args),
     )
     record = {"model": str(args.model), **report.to_dict()}
     save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite)
@@ -211,6 +239,25 @@ def cmd_eval(args) -> dict:
     if args.seqlen < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise ValueError(f"--seqlen must be at least 2 and --batch-size, --max-windows positive; got --seqlen "
                          f"{args.seqlen}, --batch-size {args.batch_size}, --max-windows {args.max_windows}")
+    if args.tasks is not None:
+        from .tasks import format_table, load_tasks, zero_shot
+
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be a positive number of documents per task, got {args.limit}")
+        device = _device(args.device)
+        task_set = load_tasks(args.tasks, progress=not args.quiet)  # a bad task fails before the model loads
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        result = zero_shot(model, tokenizer, task_set, limit=args.limit, batch_size=args.batch_size,
+                           add_bos_token={"auto": None, "always": True, "never": False}[args.bos],
+                           progress=not args.quiet)
+        result = {"model": str(args.model), **result}
+        if not args.json:
+            print(format_table(result))
+            print(f"\n{args.model}: {len(result['tasks'])} task(s) in {result['time_s']:.1f} s"
+                  f"{f' (first {args.limit} documents of each)' if args.limit else ''}")
+        return result
+    if args.limit is not None:
+        raise ValueError("--limit applies to --tasks; for perplexity, --max-windows caps the windows scored")
     check_source(args.data)
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)

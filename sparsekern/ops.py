@@ -29,6 +29,7 @@ _KERNEL_MODULES: dict[str, str] = {
     "nm_mask": "wanda",
     "wanda_prune": "wanda",
     "magnitude_prune": "select",
+    "topk_mask": "select",
     "hessian_update": "stats",
     "sumsq_update": "stats",
     "sparsegpt_sweep": "sparsegpt_sweep",
@@ -68,6 +69,23 @@ def nm_mask(scores: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
 
 @nm_mask.register_fake
 def _(scores, prune_n, prune_m):
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+@torch.library.custom_op("sparsekern::topk_mask", mutates_args=())
+def topk_mask(scores: torch.Tensor, sparsity: float, prune_n: int, prune_m: int, per_row: bool) -> torch.Tensor:
+    """Bool mask [rows, cols], True where pruned: everything but the highest scores. N:M (prune_n > 0): the
+    prune_n lowest of every prune_m consecutive scores of a row; else the round(sparsity * cols) lowest of each row
+    (per_row) or the round(sparsity * rows * cols) lowest of the whole tensor. scores fp32/fp16/bf16, non-negative
+    and finite: a score-based method computes its score and lets this op select (ties broken by position)."""
+    _check_pattern(scores, sparsity, prune_n, prune_m, "scores")
+    if scores.numel() and not (scores >= 0).all():  # also catches NaN; the selections order bit patterns
+        raise ValueError("scores must be non-negative and not NaN (e.g. |W| * ||X||, not a signed quantity)")
+    return _implementation("topk_mask", scores)(scores, sparsity, prune_n, prune_m, per_row)
+
+
+@topk_mask.register_fake
+def _(scores, sparsity, prune_n, prune_m, per_row):
     return torch.empty_like(scores, dtype=torch.bool)
 
 
@@ -404,10 +422,10 @@ def _check_nm(tensor: torch.Tensor, prune_n: int, prune_m: int, what: str) -> No
         raise ValueError(f"{what} has {tensor.shape[1]} columns, not divisible by M={prune_m}")
 
 
-def _check_pattern(weight: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> None:
+def _check_pattern(weight: torch.Tensor, sparsity: float, prune_n: int, prune_m: int, what: str = "weight") -> None:
     if prune_n:
-        _check_nm(weight, prune_n, prune_m, "weight")
+        _check_nm(weight, prune_n, prune_m, what)
     elif weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{what} must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
     elif not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} is outside [0, 1)")

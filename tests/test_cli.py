@@ -71,7 +71,7 @@ def test_bos_option_reaches_calibration_and_eval(capsys, tmp_path, tiny_llama, b
     (["--sparsity", "1.5"], "outside [0, 1)"),
     (["--sparsity", "4:4"], "0 < N < M"),
     (["--sparsity", "3:7"], "not divisible by M=7"),
-    (["--method", "wanda", "--wbits", "4"], "SparseGPT options"),
+    (["--method", "wanda", "--wbits", "4"], "--wbits is not an option of the chosen steps (method wanda)"),
     (["--override", "nonsense"], "GLOB=PATTERN"),
     (["--calib", "nosuchcorpus"], "nosuchcorpus"),
     (["--bos", "always"], "--bos always: this tokenizer has no BOS token"),

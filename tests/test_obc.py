@@ -104,15 +104,17 @@ def test_output_error_below_sparsegpt(spec, seed):
 
 
 def test_cost_warning_progress_and_options(monkeypatch, capsys):
-    with pytest.raises(ValueError, match=r"'obc' does not take blocksize.*SparseGPT-only"):
+    with pytest.raises(ValueError, match=r"--blocksize is not an option of the chosen steps \(method obc\); it is "
+                                         r"taken by: method sparsegpt"):
         make_method("obc", blocksize=64)
-    with pytest.raises(ValueError, match=r"wbits.*SparseGPT-only"):
+    with pytest.raises(ValueError, match=r"--wbits is not an option.*method sparsegpt"):
         make_method("obc", wbits=4)
-    with pytest.raises(ValueError, match="percdamp must be positive"):
+    with pytest.raises(ValueError, match="--percdamp -1.0: must be positive"):
         make_method("obc", percdamp=-1.0)
     method = make_method("obc", percdamp=0.1, hessian_dtype="bfloat16", progress=False)
-    assert method.options() == {"percdamp": 0.1, "hessian_dtype": "bfloat16"}
-    assert method.new_stats(8, torch.device("cpu"), "layer").input_dtype == torch.bfloat16
+    assert method.options() == {"percdamp": 0.1, "max_damp_tries": 4, "hessian_dtype": "bfloat16",
+                                "rows_per_batch": None, "update": "none", "refine": "none"}
+    assert method.new_stats(8, torch.device("cpu"), "layer").parts[HessianStats].input_dtype == torch.bfloat16
 
     # A layer past the cost threshold warns once per run and shows a progress bar; small ones stay silent.
     method = OBC()
@@ -232,5 +234,5 @@ def test_cli_prune_obc(capsys, tmp_path, tiny_llama, char_tokenizer):
 
     code = cli.main([*common, "--blocksize", "64", "--out", str(tmp_path / "b"), "--quiet"])
     stderr = capsys.readouterr().err
-    assert code == 2 and "does not take blocksize" in stderr and "Traceback" not in stderr
+    assert code == 2 and "--blocksize is not an option of the chosen steps" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "b").exists()

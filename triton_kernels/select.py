@@ -123,3 +123,20 @@ def magnitude_prune(weight: torch.Tensor, sparsity: float, prune_n: int = 0, pru
     mask = lowest_k_mask(weight.abs(), prune_count(weight.numel(), sparsity))
     weight.masked_fill_(mask, 0)
     return mask
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,
+              per_row: bool = True) -> torch.Tensor:
+    """Mark everything but the highest non-negative scores: N:M groups, each row, or the whole tensor.
+
+    Each case is a selection kernel already here: Wanda's N:M and per-row kernels with unit activation norms
+    (|s| * 1 is s exactly for s >= 0; the per-row kernel zeroes what it selects, so it gets a copy), or the radix
+    select over the whole tensor."""
+    from .wanda import nm_mask, wanda_prune
+
+    if prune_n:
+        return nm_mask(scores, prune_n, prune_m)
+    if per_row:
+        ones = torch.ones(scores.shape[1], dtype=torch.float32, device=scores.device)
+        return wanda_prune(scores.clone(), ones, sparsity, 0, 0)
+    return lowest_k_mask(scores, prune_count(scores.numel(), sparsity))

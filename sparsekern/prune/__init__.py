@@ -1,40 +1,62 @@
-"""Pruning algorithms over the public ops, and the calibration statistics they need."""
+"""Pruning steps over the public ops: methods (mask selection, maybe with their own update), updates of the kept
+weights, refinements, each registered with its options (see ``registry``); and the statistics they need.
+
+Every module of this package is imported here, so a new method is one file with a ``@register``-ed class."""
 
 from __future__ import annotations
 
-from .base import LinearResult, Method
-from .magnitude import Magnitude
-from .obc import OBC
-from .sparsegpt import SparseGPT
-from .stats import HessianStats, NormStats
-from .wanda import Wanda
+import importlib
+import os
+import pkgutil
 
-METHODS = {"sparsegpt": SparseGPT, "obc": OBC, "wanda": Wanda, "magnitude": Magnitude}
+from .base import LinearResult, Method, ScoreMethod, Step
+from .recipe import Recipe
+from .registry import REGISTRY, option, option_specs, register, split_options
+from .stats import HessianStats, LayerStats, NormStats
 
-# Options each Hessian method takes; make_method refuses the others when they are set.
-_OBC_OPTIONS = ("percdamp", "max_damp_tries", "hessian_dtype")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
+from .magnitude import Magnitude  # noqa: E402
+from .obc import OBC  # noqa: E402
+from .ria import RIA  # noqa: E402
+from .sparsegpt import SparseGPT  # noqa: E402
+from .wanda import Wanda  # noqa: E402
 
-def make_method(name: str, *, progress: bool = True, **options) -> Method:
-    """Build a method by name; options a method does not take are refused only when set (not None/0).
-
-    progress: whether a method that shows its own progress bars (OBC, on large layers) shows them.
-    """
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
-    if cls is SparseGPT:
-        return cls(**{k: v for k, v in options.items() if v is not None})
-    taken = _OBC_OPTIONS if cls is OBC else ()
-    extra = sorted(k for k, v in options.items() if v and k not in taken)
-    if extra:
-        hint = "SparseGPT-only options; OBC takes percdamp and hessian_dtype" if cls is OBC else "SparseGPT options"
-        raise ValueError(f"method {name!r} does not take {', '.join(extra)} (those are {hint})")
-    if cls is OBC:
-        return cls(**{k: v for k, v in options.items() if v is not None}, progress=progress)
-    return cls()
+METHODS = REGISTRY["method"]  # name -> class, every registered method
 
 
-__all__ = ["METHODS", "OBC", "HessianStats", "LinearResult", "Magnitude", "Method", "NormStats", "SparseGPT",
-           "Wanda", "make_method"]
+def make_method(name: str, *, update: str = "none", refine: str = "none", allocation: str = "uniform",
+                progress: bool = True, **options) -> Recipe:
+    """The recipe for ``method`` (+ ``update``, + ``refine``, + ``allocation``: a registered one, "uniform", or the
+    path of a JSON file), each step given the options it declares.
+
+    options: {name: value}; None means "not given" (the step's default). An option none of the chosen steps takes
+    is refused; so is an unknown method, update or refinement. progress: whether a step that shows its own
+    progress bars (OBC, on large layers) shows them."""
+    steps = []
+    allocation_file = None
+    for kind, chosen in (("method", name), ("update", update), ("refine", refine), ("allocation", allocation)):
+        if chosen == {"update": "none", "refine": "none", "allocation": "uniform"}.get(kind):
+            continue
+        if kind == "allocation" and chosen not in REGISTRY[kind] and str(chosen).endswith(".json"):
+            if not os.path.isfile(chosen):
+                raise FileNotFoundError(f"--allocation {chosen}: no such file")
+            allocation_file = str(chosen)
+            continue
+        if chosen not in REGISTRY[kind]:
+            names = list(REGISTRY[kind]) + {"method": [], "update": ["none"], "refine": ["none"],
+                                            "allocation": ["uniform", "a .json file"]}[kind]
+            raise ValueError(f"unknown {kind} {chosen!r}; choose one of {', '.join(names)}")
+        steps.append(REGISTRY[kind][chosen])
+    built = []
+    for cls, values in zip(steps, split_options(steps, options)):
+        built.append(cls(progress=progress, **values) if cls is OBC else cls(**values))
+    method = built[0]
+    rest = {step.kind: step for step in built[1:]}
+    return Recipe(method, rest.get("update"), rest.get("refine"), rest.get("allocation") or allocation_file)
+
+
+__all__ = ["METHODS", "OBC", "REGISTRY", "HessianStats", "LayerStats", "LinearResult", "Magnitude", "Method",
+           "NormStats", "RIA", "Recipe", "ScoreMethod", "SparseGPT", "Step", "Wanda", "make_method", "option",
+           "option_specs", "register"]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from .. import ops
-from .base import LinearResult, Method
+from .base import ScoreMethod
+from .registry import register
 
 
-class Magnitude(Method):
+@register
+class Magnitude(ScoreMethod):
     """Zero the smallest |W| of each layer (unstructured) or of every M inputs (N:M)."""
 
     name = "magnitude"
+    per_row = False
 
-    def prune_linear(self, weight, prepared, pattern, where):
-        ops.magnitude_prune(weight, pattern.sparsity, pattern.n, pattern.m)
-        return LinearResult(weight)
+    def score(self, weight, prepared):
+        return weight.abs()

@@ -13,7 +13,9 @@ Rows run in chunks that delete one index each per step, so every tensor stays re
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..reference.masks import prune_count
 from .base import LinearResult
-from .sparsegpt import HessianMethod, Prepared
+from .registry import option, register
+from .sparsegpt import HessianMethod, HessianOptions, Prepared
 
 # Layers whose rows * k * n^2 exceeds this get the cost warning (once per run) and a progress bar: about a
 # second's work for the reference ops on two CPU cores.
@@ -34,15 +37,20 @@ EXPENSIVE = 1e9
 FACTOR_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20, "reference": 1 << 30}
 
 
+@dataclasses.dataclass
+class OBCOptions(HessianOptions):
+    rows_per_batch: Optional[int] = option(None, "OBC: rows eliminated together (default: as memory allows)",
+                                           check=lambda r: None if r > 0 else "must be positive")
+
+
+@register
 class OBC(HessianMethod):
     name = "obc"
+    Options = OBCOptions
 
-    def __init__(self, percdamp: float = 0.01, max_damp_tries: int = 4, hessian_dtype: str | None = None,
-                 rows_per_batch: int | None = None, progress: bool = True):
-        super().__init__(percdamp, max_damp_tries, hessian_dtype)
-        if rows_per_batch is not None and rows_per_batch <= 0:
-            raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
-        self.rows_per_batch, self.progress = rows_per_batch, progress
+    def __init__(self, options=None, progress: bool = True, **values):
+        super().__init__(options, **values)
+        self.progress = progress  # its own bars on large layers
         self._warned = False
 
     def prune_linear(self, weight, prepared: Prepared, pattern, where):
@@ -65,7 +73,7 @@ class OBC(HessianMethod):
                 stacklevel=2,
             )
         budget = FACTOR_BYTES["cuda" if weight.device.type == "cuda" else "cpu" if ops.NATIVE else "reference"]
-        chunk = self.rows_per_batch or max(1, budget // (n * n * upper.element_size()))
+        chunk = self.opts.rows_per_batch or max(1, budget // (n * n * upper.element_size()))
         loss = 0.0
         with tqdm(total=k * -(-rows // chunk), desc=f"obc {where}", unit="step", leave=False,
                   disable=not (self.progress and expensive)) as bar:

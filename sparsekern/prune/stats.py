@@ -31,6 +31,31 @@ class _RunningStatistic:
         raise NotImplementedError
 
 
+def part(stats, kind: type):
+    """The statistic of class ``kind``: ``stats`` itself, or the one a :class:`LayerStats` holds."""
+    return stats if isinstance(stats, kind) else stats.parts[kind]
+
+
+class LayerStats:
+    """Every statistic the chosen steps need for one input group, fed the same batches (``parts``: class -> stat).
+
+    needs: names from {"hessian", "norm", "moments"}; hessian_dtype: "float32"/"float16"/"bfloat16" or None, the
+    input dtype of :class:`HessianStats`."""
+
+    def __init__(self, columns: int, device: torch.device, where: str, needs, hessian_dtype=None):
+        kinds = {"hessian": HessianStats, "norm": NormStats, "moments": MomentStats}  # classes defined below
+        self.parts = {}
+        hessian_dtype = getattr(torch, hessian_dtype) if hessian_dtype else None
+        for need in sorted(needs):
+            kind = kinds[need]
+            self.parts[kind] = (kind(columns, device, where, hessian_dtype) if kind is HessianStats
+                                else kind(columns, device, where))
+
+    def add(self, x: torch.Tensor) -> None:
+        for stat in self.parts.values():
+            stat.add(x)
+
+
 class HessianStats(_RunningStatistic):
     """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), accumulated in fp32.
 
@@ -62,3 +87,37 @@ class NormStats(_RunningStatistic):
     @property
     def norm(self) -> torch.Tensor:
         return self.sumsq.sqrt()
+
+
+class MomentStats(_RunningStatistic):
+    """Per-input-channel first and second moments over the rows seen (DSnoT), accumulated in fp32.
+
+    ``mean`` [cols] is the running mean E[x_j]; ``sumsq`` [cols] the running mean of squares E[x_j^2] (the same
+    statistic as :class:`NormStats`, so ``norm`` is Wanda's scale). Both are count-weighted running averages:
+    after a batch of m rows, s <- (count * s + sum over the batch) / (count + m). ``var`` = E[x^2] - E[x]^2 is
+    the population variance; it loses relative precision where |mean| >> std (fp32 cancellation), which only
+    blurs DSnoT's growing priority, never the pattern or the error bookkeeping.
+    """
+
+    def __init__(self, columns: int, device: torch.device, where: str):
+        super().__init__(where)
+        self.mean = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.sumsq = torch.zeros(columns, dtype=torch.float32, device=device)
+
+    def _update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        total = self.count + rows
+        # Sum in fp32 without materializing an fp32 copy of a half-precision batch.
+        self.mean.mul_(self.count / total).add_(torch.sum(x, dim=0, dtype=torch.float32), alpha=1.0 / total)
+        ops.sumsq_update(self.sumsq, x, self.count)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt()
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sumsq - self.mean.square()).clamp_min(0.0)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from .. import ops
-from .base import LinearResult, Method
-from .stats import NormStats
+from .base import ScoreMethod
+from .registry import register
+from .stats import NormStats, part
 
 
-class Wanda(Method):
+@register
+class Wanda(ScoreMethod):
     name = "wanda"
-    stats = NormStats
+    needs = frozenset({"norm"})
 
     def prepare(self, stats, where):
-        return stats.norm
+        return part(stats, NormStats).norm
 
-    def prune_linear(self, weight, prepared, pattern, where):
-        ops.wanda_prune(weight, prepared.to(weight.device), pattern.sparsity, pattern.n, pattern.m)
-        return LinearResult(weight)
+    def score(self, weight, prepared):
+        return weight.abs() * prepared.to(weight.device)

@@ -3,7 +3,7 @@
 from . import cholesky
 from .cholesky import cholesky_delete, cholesky_update
 from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
-from .masks import nm_mask, prune_count, row_mask, tensor_mask
+from .masks import nm_mask, prune_count, row_mask, tensor_mask, topk_mask
 from .quant import minmax_params, quantize
 from .sparse24 import compress_24, decompress_24, sparse24_linear
 from .sparsegpt import sparsegpt_prune, sparsegpt_sweep
@@ -28,5 +28,6 @@ __all__ = [
     "sparsegpt_sweep",
     "sumsq_update",
     "tensor_mask",
+    "topk_mask",
     "wanda_prune",
 ]

@@ -44,3 +44,16 @@ def row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 def tensor_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark exactly the ``k`` lowest scores of the whole tensor."""
     return row_mask(scores.reshape(1, -1), k).reshape(scores.shape)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,
+              per_row: bool = True) -> torch.Tensor:
+    """Mark everything but the highest scores: the ``prune_n`` lowest of every ``prune_m`` consecutive entries of a
+    row (N:M), else the round(sparsity * cols) lowest of each row (``per_row``) or the round(sparsity * numel)
+    lowest of the whole tensor. scores [rows, cols], non-negative; compared in fp32, ties broken by position."""
+    scores = scores.float()
+    if prune_n:
+        return nm_mask(scores, prune_n, prune_m)
+    if per_row:
+        return row_mask(scores, prune_count(scores.shape[1], sparsity))
+    return tensor_mask(scores, prune_count(scores.numel(), sparsity))
