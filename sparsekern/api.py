@@ -34,6 +34,12 @@ class PruneReport:
     allocation: dict | None = None  # the per-layer sparsities an allocation chose (None: uniform)
 
     @property
+    def permutations(self) -> dict[str, torch.Tensor]:
+        """{linear name: int32 input order} of the linears pruned in a permuted order (``permute=True``)."""
+        return {r.name: torch.tensor(r.permutation, dtype=torch.int32) for r in self.linears
+                if r.permutation is not None}
+
+    @property
     def sparsity(self) -> float:
         """Achieved fraction of zeros over all pruned linears."""
         return zero_fraction(self.linears)
@@ -50,7 +56,9 @@ class PruneReport:
             "time_s": self.time_s,
             "allocation": self.allocation,
             "sparsekern_version": __version__,
-            "layers": [dataclasses.asdict(r) for r in self.linears],
+            # the permutations (K integers per linear) go to permutations.safetensors, not here
+            "layers": [{k: v for k, v in dataclasses.asdict(r).items() if k != "permutation"} for r in self.linears],
+            "permuted_linears": len(self.permutations),
         }
 
 
@@ -68,6 +76,7 @@ def prune(
     update: str = "none",
     refine: str = "none",
     allocation: str = "uniform",
+    permute: bool = False,
     device: str | torch.device | None = None,
     true_sequential: bool = False,
     overrides: Mapping[str, PatternSpec | None] | None = None,
@@ -87,6 +96,9 @@ def prune(
     allocation: how the target sparsity is spread over the decoder layers (unstructured patterns): "uniform"
         (default), "owl", "sensitivity", or the path of a JSON file {layer index or name: sparsity}; the average
         over the pruned parameters stays exactly the target. See ``sparsekern.prune.allocation``.
+    permute: for N:M patterns, prune each input group in the channel order that keeps the most Wanda score under the
+        pattern (``sparsekern.permute``); the checkpoint stays in its own order, and ``report.permutations`` (saved
+        by the CLI as permutations.safetensors) lets ``SparseLinear`` run it on the 2:4 kernel.
     sparsity: a ratio such as 0.5, or "2:4", "4:8", ...
     calib: a text source ("lee", "wikitext2", "c4", "ptb", or a .txt/.jsonl path) tokenized with ``tokenizer``
         into ``nsamples`` random windows of ``seqlen`` tokens, or a LongTensor [nsamples, seqlen] of token ids.
@@ -107,7 +119,7 @@ def prune(
     pattern, algorithm = check_arguments(
         method=method, sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
         batch_size=batch_size, true_sequential=true_sequential, progress=progress, update=update, refine=refine,
-        allocation=allocation, **options)
+        allocation=allocation, permute=permute, **options)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None
@@ -131,21 +143,21 @@ def prune(
 _ARGUMENT_TYPES = {"nsamples": (int, False), "seqlen": (int, False), "seed": (int, False),
                    "batch_size": (int, False), "true_sequential": (bool, False), "progress": (bool, False),
                    "method": (str, False), "update": (str, False), "refine": (str, False),
-                   "allocation": (str, False)}
+                   "allocation": (str, False), "permute": (bool, False)}
 
 
 def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int, seqlen: int, seed: int, bos: str,
                     batch_size: int, true_sequential: bool, progress: bool, update: str = "none",
-                    refine: str = "none", allocation: str = "uniform", **options):
+                    refine: str = "none", allocation: str = "uniform", permute: bool = False, **options):
     """(pattern, method) after every check :func:`prune`'s arguments allow without the model: types, the pattern,
     the steps and their options (from the registry), the calibration source (a local file is read once: missing, empty or not UTF-8
     fails here). The CLI calls it before loading the model. Raises ValueError, TypeError or FileNotFoundError."""
     _check_types(nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
                  true_sequential=true_sequential, progress=progress, method=method, update=update, refine=refine)
     pattern = SparsityPattern.parse(sparsity)
-    _check_types(allocation=allocation)
-    algorithm = make_method(method, update=update, refine=refine, allocation=allocation, progress=progress,
-                            **options)
+    _check_types(allocation=allocation, permute=permute)
+    algorithm = make_method(method, update=update, refine=refine, allocation=allocation, permute=permute,
+                            progress=progress, **options)
     if algorithm.allocation is not None and pattern.is_nm:
         raise ValueError(f"--allocation spreads an unstructured sparsity over the layers; {pattern} is N:M: use "
                          "--allocation uniform, or an unstructured --sparsity such as 0.5")

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--refine", default="none", choices=["none", *sorted(REGISTRY["refine"])],
                        help="improve each linear's mask after the method (and update), keeping its pattern: dsnot "
                             "(training-free prune-and-grow swaps), or none (default)")
+    prune.add_argument("--permute", action="store_true",
+                       help="N:M patterns: prune each input group in the channel order that keeps the most Wanda "
+                            "score (the checkpoint keeps its own order; the orders go to permutations.safetensors)")
     prune.add_argument("--allocation", default="uniform", metavar="{uniform,owl,sensitivity,FILE.json}",
                        help="spread an unstructured --sparsity over the decoder layers: uniform (default), owl "
                             "(layers with more activation outliers pruned less), sensitivity (a depth schedule "
@@ -178,7 +181,7 @@ def cmd_prune(args) -> dict:
     check_arguments(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
                     seqlen=args.seqlen, seed=args.seed, bos=args.bos, batch_size=args.batch_size,
                     true_sequential=args.true_sequential, progress=not args.quiet, update=args.update,
-                    refine=args.refine, allocation=args.allocation, **_step_options(args))
+                    refine=args.refine, allocation=args.allocation, permute=args.permute, **_step_options(args))
     out = Path(args.out)
     source = resolve_model(args.model)
     check_destination(out, args.overwrite, source)
@@ -198,12 +201,13 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
     report = prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, bos=args.bos, update=args.update, refine=args.refine,
-        allocation=args.allocation, device=device, true_sequential=args.true_sequential, overrides=overrides,
+        allocation=args.allocation, permute=args.permute, device=device, true_sequential=args.true_sequential, overrides=overrides,
         batch_size=args.batch_size, progress=not args.quiet, resume_dir=None if args.no_resume else str(partial),
         **_step_options(args),
     )
     record = {"model": str(args.model), **report.to_dict()}
-    save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite)
+    save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
+                    extra_tensors={"permutations.safetensors": report.permutations} if report.permutations else None)
     shutil.rmtree(partial, ignore_errors=True)
     result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
               "time_s": report.time_s, "out": str(out), "linears": len(report.linears)}

@@ -180,6 +180,7 @@ def _prepare_alias(name: str) -> Path:
     if _is_hf_folder(target):
         return target
     alias = MODEL_ALIASES[name]
+    _package_folder(alias)  # a missing weights package first: its message says what to install
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
             f"converting {name!r} from GGUF needs the `gguf` package: pip install 'sparsekern[gguf]'"
@@ -262,8 +263,10 @@ def save_checkpoint(
     out_dir: str | os.PathLike,
     extra_json: dict[str, dict] | None = None,
     overwrite: bool = False,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a Hugging Face checkpoint (safetensors + tokenizer) plus ``extra_json`` files, atomically.
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) plus ``extra_json`` files and ``extra_tensors``
+    safetensors files ({file name: {key: tensor}}, e.g. channel permutations), atomically.
 
     Everything is written into a temporary sibling folder that is renamed into place only when
     complete. With ``overwrite``, an existing checkpoint is moved aside and deleted only after the new
@@ -285,6 +288,10 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         for name, content in extra_json.items():
             _write_json(tmp / name, content)
+        for name, tensors in (extra_tensors or {}).items():
+            from safetensors.torch import save_file
+
+            save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(tmp / name))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -273,19 +273,26 @@ def _(values, meta):
 
 @torch.library.custom_op("sparsekern::sparse24_linear", mutates_args=())
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a compressed 2:4 weight W [N, K]: x [..., K] fp16/bf16/fp32 (fp32 accumulation),
-    y [..., N] in x's dtype; bias [N] or None."""
+    y [..., N] in x's dtype; bias [N] or None. perm [K] int32/int64 or None: W is stored in permuted input order
+    (channel permutation, ``sparsekern.permute``) and y = x[..., perm] @ W^T + bias, the kernels gathering x's
+    columns as they load them. perm must be a permutation of 0..K-1; its values are not checked here (a per-call
+    check would synchronize with the GPU): ``SparseLinear`` checks its perm once."""
     _check_compressed(values, meta)
     if x.dim() == 0 or x.shape[-1] != 2 * values.shape[1]:
         raise ValueError(f"x has shape {tuple(x.shape)}, but the weight takes {2 * values.shape[1]} features")
     if bias is not None and bias.shape != (values.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({values.shape[0]},)")
-    return _implementation("sparse24_linear", x)(x, values, meta, bias)
+    if perm is not None and (perm.dtype not in (torch.int32, torch.int64) or perm.shape != (x.shape[-1],)):
+        raise ValueError(f"perm must be int32 or int64 [{x.shape[-1]}], got {perm.dtype} {tuple(perm.shape)}")
+    if perm is not None and perm.device != x.device:
+        raise ValueError(f"perm is on {perm.device} but x is on {x.device}")
+    return _implementation("sparse24_linear", x)(x, values, meta, bias, perm)
 
 
 @sparse24_linear.register_fake
-def _(x, values, meta, bias=None):
+def _(x, values, meta, bias=None, perm=None):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 

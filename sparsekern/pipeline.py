@@ -283,6 +283,7 @@ class LinearReport:
     loss: float | None = None
     damp: float | None = None
     time_s: float = 0.0
+    permutation: list[int] | None = None  # --permute: the input order in which the N:M pattern holds
 
 
 def _plan(
@@ -322,15 +323,20 @@ def _check_weight(view: torch.Tensor, where: str) -> None:
 
 
 def _prune_linear(method: Method, linear: nn.Module, prepared: Any, pattern: SparsityPattern,
-                  where: str) -> LinearReport:
+                  where: str, perm: torch.Tensor | None = None) -> LinearReport:
     start = time.perf_counter()
     view = weight_matrix(linear)  # finite: checked by _plan before any work
     weight = view.detach().to(torch.float32, copy=True)
+    if perm is not None:  # pruned in the permuted input order, in which the pattern holds
+        weight = weight.index_select(1, perm.to(weight.device))
     result = method.prune_linear(weight, prepared, pattern, where)
-    view.data.copy_(result.weight.to(view.dtype))
+    pruned = result.weight
+    if perm is not None:  # back to the checkpoint's own order
+        pruned = torch.empty_like(pruned).index_copy_(1, perm.to(pruned.device), pruned)
+    view.data.copy_(pruned.to(view.dtype))
     sparsity = (view == 0).float().mean().item()
     return LinearReport(where, tuple(view.shape), str(pattern), sparsity, result.loss, result.damp,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, None if perm is None else perm.tolist())
 
 
 def prune_layers(
@@ -479,9 +485,13 @@ def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[n
         stats = _collect(method, layer, linears, stage_groups, hidden, calls, device, where)
         for group, stat in zip(stage_groups, stats):
             bar.set_postfix_str(f"{where}: {', '.join(group)}")
+            permutation = getattr(method, "group_permutation", None)
+            perm = permutation(stat, [weight_matrix(linears[name]) for name in group],
+                               [targets[name][1] for name in group], f"{where}.{group[0]}") if permutation else None
             prepared = method.prepare(stat, f"{where}.{group[0]}")
             for name in group:
-                reports.append(_prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}"))
+                reports.append(_prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}",
+                                             perm))
     return reports
 
 

@@ -58,12 +58,14 @@ def cases():
     yield "decompress_24", sparse24._decompress_24_kernel, packed, dict(BLOCK_N=16, BLOCK_G=64), 8
     gemm = dict(PAIRS=True, W_PER_GROUP=1, HAS_BIAS=True, EVEN_K=True, DOT_FP32=False, INPUT_PRECISION="ieee",
                 GROUP_M=8)
-    for label, partial, tiles, warps in [("decode split-K", True, (16, 64, 128), 4),
-                                         ("prefill", False, (128, 128, 64), 8)]:
-        types = {"x_ptr": "*fp16", "w_ptr": "*i32", "meta_ptr": "*i32", "bias_ptr": "*fp16",
+    for label, partial, tiles, warps, perm in [("decode split-K", True, (16, 64, 128), 4, False),
+                                               ("prefill", False, (128, 128, 64), 8, False),
+                                               ("decode split-K, perm", True, (16, 64, 128), 4, True),
+                                               ("prefill, perm", False, (128, 128, 64), 8, True)]:
+        types = {"x_ptr": "*fp16", "w_ptr": "*i32", "meta_ptr": "*i32", "bias_ptr": "*fp16", "perm_ptr": "*i32",
                  "out_ptr": F32 if partial else "*fp16"}
         yield f"sparse24 gemm {label}", sparse24_gemm._sparse24_gemm_kernel, types, dict(
-            gemm, PARTIAL=partial, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2]), warps
+            gemm, HAS_PERM=perm, PARTIAL=partial, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2]), warps
     yield "sparse24 split-K reduce", sparse24_gemm._splitk_reduce_kernel, {
         "ws_ptr": F32, "bias_ptr": "*fp16", "y_ptr": "*fp16"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4
 

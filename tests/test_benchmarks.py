@@ -75,3 +75,31 @@ def test_bench_resume_rows(results):
         (row,) = list(csv.DictReader(f))
     assert row["size"] == "smollm2" and int(row["input_bytes"]) >= 2 * 16 * 576 * 4
     assert 0 < float(row["blocking_ms"]) <= float(row["total_ms"])
+
+
+def test_bench_quality_grid_and_summary(tmp_path):
+    bench = load("bench_quality")
+    args = bench.argparse.Namespace(preset=None, patterns="0.7,2:4", methods="sparsegpt,wanda", updates="none,obs",
+                                    refines="none", allocations="uniform,owl", permute=True)
+    runs = bench.grid(args)
+    assert ("0.7", "sparsegpt", "obs", "none", "uniform", False) not in runs  # SparseGPT updates itself
+    assert ("2:4", "wanda", "none", "none", "owl", False) not in runs  # no allocation for N:M
+    assert ("0.7", "wanda", "none", "none", "uniform", True) not in runs  # no permutation for unstructured
+    assert ("2:4", "wanda", "obs", "none", "uniform", True) in runs and ("0.7", "wanda", "obs", "none", "owl",
+                                                                         False) in runs
+    path = tmp_path / "quality.csv"
+    rows = [("sparsegpt", "uniform", 0, 40.0), ("sparsegpt", "uniform", 1, 44.0), ("sparsegpt", "owl", 0, 36.0),
+            ("sparsegpt", "owl", 1, 41.8)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["model", "pattern", "method", "update", "refine", "allocation", "permute", "seed",
+                                    "perplexity", "prune_s"])
+        writer.writeheader()
+        for method, allocation, seed, ppl in rows:
+            writer.writerow({"model": "m", "pattern": "0.7", "method": method, "update": "none", "refine": "none",
+                             "allocation": allocation, "permute": "False", "seed": seed, "perplexity": ppl,
+                             "prune_s": 10})
+    table = bench.summary(path)
+    owl = next(line for line in table.splitlines() if "| owl |" in line)
+    uniform = next(line for line in table.splitlines() if "| uniform |" in line)
+    assert "**38.90 ± 4.10 (2)**" in owl and "| 0.925 |" in owl  # mean of 36/40 and 41.8/44
+    assert "42.00 ± 2.83 (2)" in uniform and "| 1.000 |" in uniform

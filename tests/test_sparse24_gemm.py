@@ -1,12 +1,13 @@
 """The 2:4 sparse linear kernel (interpreter) through the public op, against the masked-dense product in fp32 from
 the same rounded inputs: both paths (decode M <= 16, prefill M > 16), split-K, ragged M/N/K (K not a multiple of
-32), batch dims, strided inputs, NaN-poisoned outputs, and the op's registration (opcheck)."""
+32), batch dims, strided inputs, NaN-poisoned outputs, channel-permuted weights (x gathered through perm in the
+kernel), and the op's registration (opcheck)."""
 
 import pytest
 import torch
 from checks import assert_close
 
-from sparsekern import ops
+from sparsekern import ops, reference
 from sparsekern.reference.masks import nm_mask
 from sparsekern.reference.sparse24 import compress_24
 from sparsekern.triton_kernels import sparse24_gemm
@@ -146,3 +147,57 @@ def test_opcheck(interpret, bias):
     x, w, b = inputs((2, 3, 36), 5, torch.float16, bias)
     values, meta = compress_24(w)
     torch.library.opcheck(ops.sparse24_linear, (x, values, meta, b))
+
+
+# -- channel permutation: W stored in permuted input order, y = x[..., perm] @ W^T, gathered in the kernel ------
+
+PERM_SHAPES = [  # M, N, K, bias: decode and prefill, ragged K and K a multiple of BLOCK_K (no K masks)
+    (1, 5, 36, True),
+    (5, 70, 256, False),
+    (17, 37, 260, True),
+    (33, 130, 68, False),
+]
+
+
+@pytest.mark.parametrize("perm_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k, bias", PERM_SHAPES)
+def test_perm_matches_reference(interpret, poisoned_outputs, dtype, perm_dtype, m, n, k, bias):
+    x, w, b = inputs((m, k), n, dtype, bias)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)).to(perm_dtype)
+    values, meta = compress_24(w)
+    y = ops.sparse24_linear(x, values, meta, b, perm)
+    what = f"y {m}x{n}x{k} {dtype} perm {perm_dtype}"
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(y, expected(x[:, perm.long()], w, b), what, atol=atol, rtol=rtol)
+    assert_close(y, reference.sparse24_linear(x, values, meta, b, perm).float(), f"{what} vs reference",
+                 atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m, k, dtype", [(2, 1028, torch.float16), (40, 516, torch.bfloat16)])
+def test_perm_split_k_batch_dims_and_strided_x(interpret, poisoned_outputs, monkeypatch, m, k, dtype):
+    monkeypatch.setattr(sparse24_gemm, "INTERPRETER_SMS", 64)
+    assert sparse24_gemm._config(m, 37, k, dtype, 64)[-1] > 1, "this shape should split K"
+    _, w, b = inputs((m, k), 37, dtype)
+    values, meta = compress_24(w)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, m, 2 * k).to(dtype)[..., ::2]  # batch dims and a column stride of 2
+    y = ops.sparse24_linear(x, values, meta, b, perm.int())
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(y, expected(x[..., perm], w, b), "y split-K, strided x, perm", atol=atol, rtol=rtol)
+
+
+def test_perm_is_checked():
+    x, w, _ = inputs((3, 36), 5, torch.float16)
+    values, meta = compress_24(w)
+    with pytest.raises(ValueError, match=r"perm must be int32 or int64 \[36\]"):
+        ops.sparse24_linear(x, values, meta, None, torch.arange(32))
+    with pytest.raises(ValueError, match="perm must be int32 or int64"):
+        ops.sparse24_linear(x, values, meta, None, torch.arange(36).float())
+
+
+def test_opcheck_with_perm(interpret):
+    x, w, b = inputs((2, 3, 36), 5, torch.float16)
+    values, meta = compress_24(w)
+    perm = torch.randperm(36, generator=torch.Generator().manual_seed(0)).int()
+    torch.library.opcheck(ops.sparse24_linear, (x, values, meta, b, perm))

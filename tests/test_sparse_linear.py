@@ -114,3 +114,103 @@ def test_sparsified_tiny_llama_on_the_kernels(tiny_llama, interpret):
         sparsify(tiny_llama)
         got = tiny_llama(ids).logits
     assert_close(got, expected, "logits", atol=1e-4, rtol=1e-4)
+
+
+# -- channel-permuted layers: W is 2:4 in a permuted input order, the layer still computes x @ W^T -------------
+
+
+def permuted_linear(in_features=68, out_features=37, bias=True, dtype=torch.float32, seed=0):
+    """(linear, perm): a linear whose weight is 2:4 in the order perm (weight[:, perm]), not in its own order."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    perm = torch.randperm(in_features)
+    with torch.no_grad():
+        permuted = linear.weight[:, perm]
+        permuted.masked_fill_(nm_mask(permuted.abs(), 2, 4), 0)
+        linear.weight[:, perm] = permuted
+    linear = linear.to(dtype)
+    assert not is_24(linear.weight) and is_24(linear.weight[:, perm])
+    return linear, perm
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_permuted_layer_on_the_kernels(interpret, poisoned_outputs, m, dtype, bias):
+    """Triton path (interpreter): the permuted compressed layer computes the masked-dense layer in original order."""
+    linear, perm = permuted_linear(bias=bias, dtype=dtype, seed=m)
+    layer = SparseLinear.from_dense(linear, "up_proj", perm=perm)
+    assert layer.perm.dtype == torch.int32 and torch.equal(layer.perm.long(), perm)
+    x = torch.randn(m, 68).to(dtype)
+    expected = x.float() @ linear.weight.float().T + (linear.bias.float() if bias else 0)
+    tolerance = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
+    got = layer(x)
+    assert got.dtype == dtype
+    assert_close(got.float(), expected, f"permuted SparseLinear M={m}", atol=tolerance, rtol=tolerance)
+    assert torch.equal(layer.to_dense().weight, linear.weight)  # the original order back
+
+
+@pytest.mark.parametrize("impl", ["dense", "semi_structured"])
+def test_permuted_layer_on_the_other_implementations(monkeypatch, impl):
+    """Dense (decompress + F.linear) and semi-structured take x gathered through perm first. The semi-structured
+    weight needs CUDA: here the dense compressed-order weight stands in for it, which checks the gather."""
+    linear, perm = permuted_linear(bias=True)
+    layer = SparseLinear.from_dense(linear, perm=perm)
+    monkeypatch.setattr(dispatch, "choose", lambda rules, m: impl)
+    monkeypatch.setattr(SparseLinear, "_semi_structured_weight",
+                        lambda self: sparsekern.ops.decompress_24(self.values, self.meta))
+    x = torch.randn(2, 5, 68)
+    assert_close(layer(x), linear(x), f"permuted SparseLinear ({impl})", atol=1e-5)
+
+
+def test_permuted_state_dict_sparsify_and_compile():
+    linear, perm = permuted_linear(64, 24, seed=3)
+    model = torch.nn.Sequential(linear, torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert sparsify(model) == []  # not 2:4 in its own order
+    with pytest.raises(ValueError, match=r"^0.weight\[:, perm\] is not 2:4"):
+        sparsify(model, filter_fn=lambda name, lin: name == "0", perms={"0": perm.roll(1)})
+    with pytest.raises(ValueError, match=r"not nn.Linear layers of the model: \['9'\]"):
+        sparsify(model, perms={"9": perm})
+    assert sparsify(model, perms={"0": perm}) == ["0"]
+    assert model[0].perm is not None and "channel-permuted" in repr(model[0])
+    state = model.state_dict()
+    assert {"0.values", "0.meta", "0.perm"} <= set(state)
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    assert sparsify_like(fresh, state) == ["0"]
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert_close(fresh(x), expected, "reloaded permuted model", atol=1e-5)
+        compiled = torch.compile(fresh, fullgraph=True, backend="aot_eager")
+        assert_close(compiled(x), expected, "compiled permuted model", atol=1e-5)
+
+
+def test_bad_perm_is_refused_by_name():
+    linear, perm = permuted_linear()
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj: perm is not a permutation of 0..67"):
+        SparseLinear.from_dense(linear, "layers.0.mlp.down_proj", perm=perm.clamp(max=66))
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj: perm must be an integer tensor \[68\]"):
+        SparseLinear.from_dense(linear, "layers.0.mlp.down_proj", perm=perm[:64])
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj.weight\[:, perm\] is not 2:4"):
+        SparseLinear.from_dense(linear, "layers.0.mlp.down_proj", perm=torch.arange(68))
+
+
+def test_nm_permutation_end_to_end(interpret):
+    """Scores -> nm_permutation -> 2:4 prune in that order -> SparseLinear: more score kept, same outputs."""
+    from sparsekern.permute import kept_score, nm_permutation
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    norms = torch.exp(torch.randn(128)) * (1 + 20 * (torch.rand(128) < 0.05))  # channel norms with outliers
+    scores = linear.weight.detach().abs() * norms
+    perm = nm_permutation(scores, 2, 4)
+    assert kept_score(scores, perm, 2, 4) > kept_score(scores, None, 2, 4)
+    with torch.no_grad():
+        permuted = linear.weight[:, perm]
+        permuted.masked_fill_(nm_mask(scores[:, perm], 2, 4), 0)
+        linear.weight[:, perm] = permuted
+    layer = SparseLinear.from_dense(linear.half(), perm=perm)
+    x = torch.randn(3, 128).half()
+    assert_close(layer(x).float(), linear(x).float(), "nm_permutation layer", atol=1e-2, rtol=1e-2)

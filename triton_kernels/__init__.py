@@ -11,3 +11,10 @@ Launchers allocate outputs with ``_outputs.new_output`` (NaN-poisoned in tests).
 interpreter choice (``TRITON_INTERPRET``) is made when a kernel is decorated, so kernel modules must
 only be imported once the backend is chosen.
 """
+
+import os as _os
+
+# Whether kernels decorated in this process run in Triton's interpreter: read once, at import, as @triton.jit
+# itself decides interpreted vs compiled. The one place kernels ask (bf16 tl.dot is wrong in the interpreter, and
+# some tiles are sized for it).
+INTERPRETING = _os.environ.get("TRITON_INTERPRET") == "1"

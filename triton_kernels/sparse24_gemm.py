@@ -49,24 +49,30 @@ Split-K is deterministic: program (tile, s) writes its fp32 partial sum over its
 also need a zeroed workspace and a final cast (as many launches) and make y depend on the order in which
 programs finish. The workspace is S * M * N * 4 bytes: 64 KiB for a decode step with N = K = 4096 (S = 4),
 against 18 MiB of weight read; it stays in L2.
+
+Channel permutation (``sparsekern.permute``): a weight made 2:4 in permuted input order, W[:, perm], is stored
+compressed in that order, and y = x[..., perm] @ W[:, perm]^T. With ``perm`` the kernel loads each step's
+BLOCK_K indices (int32 or int64; 4 or 8 bytes per column against ~BLOCK_N bytes of compressed weight, and the
+same few KiB for every program: L2-resident) and gathers x's columns through them, so no pass writes a permuted
+copy of x. The gather costs x's vector loads (element-wise instead of 16-byte): nothing much at decode, where x
+is a few KiB; not yet measured for prefill tiles, where every program gathers its [BLOCK_M, BLOCK_K] x tile.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRETING
 from ._outputs import new_output
 
 # The interpreter (TRITON_INTERPRET=1, triton 3.9 on CPU) computes bf16 tl.dot wrongly (fp16 is right); bf16
 # tiles are upcast to fp32 there (exact: every bf16 is an fp32, and products are accumulated in fp32 anyway).
-# Read once, at import, as the @triton.jit decorator itself decides interpreted vs compiled.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETING = INTERPRETING
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Registers per thread from ptxas -arch=sm_90a, fp16 and bf16
 # alike, for a launch with N = K = 4096 (triton 3.9 / triton 3.6 with its own ptxas), no spills; partial (split-K)
@@ -134,23 +140,25 @@ def _expand_24(vals, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _sparse24_gemm_kernel(
-    x_ptr, w_ptr, meta_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, meta_ptr, bias_ptr, perm_ptr, out_ptr,
     M, N, K, w_cols, words,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mw,
     stride_os, stride_om, stride_on,
     iters,
-    PAIRS: tl.constexpr, W_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr, W_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
+    PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[(s,) m, n] = sum over this program's K range of x[m, k] W[n, k] (+ bias[n] and cast unless PARTIAL).
+    """out[(s,) m, n] = sum over this program's K range of x[m, p(k)] W[n, k] (+ bias[n] and cast unless PARTIAL),
+    p(k) = perm[k] when HAS_PERM (perm_ptr: int32 or int64 [K], W stored in permuted input order), else k.
 
     w is the values tensor: int32 [N, K/4] pairs when PAIRS (16-bit values), else [N, K/2] in x's dtype;
     W_PER_GROUP (1 or 2) is its columns per group of 4. Program (pid, s): pid picks the [BLOCK_M, BLOCK_N] output
     tile in grouped order, s the split of K: ``iters`` steps of BLOCK_K from s * iters * BLOCK_K. BLOCK_K is a
     multiple of 32, so a tile's meta words are whole: dense column k0 starts group k0 / 4 and meta word k0 / 32.
     EVEN_K: every step of every split lies inside K, and no load needs a K mask. Otherwise columns past K (a
-    ragged tail, or whole steps of the last split) load as 0: zero x times a zero weight, never a NaN.
+    ragged tail, or whole steps of the last split) load as 0: zero x times a zero weight, never a NaN. With a
+    perm, each step loads its BLOCK_K indices and gathers x's columns through them (no separate gather pass).
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -185,11 +193,16 @@ def _sparse24_gemm_kernel(
         if EVEN_K:
             vals = tl.load(w_rows + cv[None, :] * stride_wk, mask=n_ok[:, None], other=0)
             meta = tl.load(m_rows + cw[None, :] * stride_mw, mask=n_ok[:, None], other=0)
+            if HAS_PERM:
+                cx = tl.load(perm_ptr + cx)  # the x column of each weight column of the step
             x = tl.load(x_rows + cx[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
         else:
             vals = tl.load(w_rows + cv[None, :] * stride_wk, mask=n_ok[:, None] & (cv < w_cols)[None, :], other=0)
             meta = tl.load(m_rows + cw[None, :] * stride_mw, mask=n_ok[:, None] & (cw < words)[None, :], other=0)
-            x = tl.load(x_rows + cx[None, :] * stride_xk, mask=m_ok[:, None] & (cx < K)[None, :], other=0.0)
+            k_ok = cx < K
+            if HAS_PERM:
+                cx = tl.load(perm_ptr + cx, mask=k_ok, other=0)
+            x = tl.load(x_rows + cx[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if PAIRS:
             tile = _expand_24_pairs(vals, meta, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
         else:
@@ -272,12 +285,14 @@ def _as_pairs(values: torch.Tensor) -> torch.Tensor:
 
 
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W [N, K] the 2:4 weight compressed as (values [N, K/2], meta [N, ceil(K/32)] int32).
 
     x [..., K] fp16/bf16/fp32, any strides; values in x's dtype (another float dtype is rounded to x's first, as
     the reference does); bias [N] or None. y [..., N] in x's dtype, accumulated in fp32 (fp32 x: exact fp32
-    products, no TF32). Shapes are checked by ``sparsekern.ops.sparse24_linear``.
+    products, no TF32). perm [K] int32/int64 or None: W is in permuted input order and y = x[..., perm] @ W^T +
+    bias, gathered by the kernel's loads of x (perm must hold indices in [0, K): not checked). Shapes are checked
+    by ``sparsekern.ops.sparse24_linear``.
     """
     k = x.shape[-1]
     n = values.shape[0]
@@ -300,16 +315,19 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     has_bias = bias is not None
     if has_bias:
         bias = bias.contiguous()  # the kernels index it as bias[n]
+    has_perm = perm is not None
+    if has_perm:
+        perm = perm.contiguous()  # indexed as perm[k]
     # Every element of the workspace is written: each split stores its whole tile.
     out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y.unsqueeze(0)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
     _sparse24_gemm_kernel[grid](
-        x2, w, meta, bias if has_bias else w, out,
+        x2, w, meta, bias if has_bias else w, perm if has_perm else meta, out,
         m, n, k, w.shape[1], meta.shape[1],
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), meta.stride(0), meta.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         iters,
-        PAIRS=pairs, W_PER_GROUP=1 if pairs else 2, HAS_BIAS=has_bias, PARTIAL=splits > 1,
+        PAIRS=pairs, W_PER_GROUP=1 if pairs else 2, HAS_BIAS=has_bias, HAS_PERM=has_perm, PARTIAL=splits > 1,
         EVEN_K=k == block_k * iters * splits,
         DOT_FP32=_INTERPRETING and x.dtype == torch.bfloat16,
         INPUT_PRECISION="tf32" if pairs else "ieee",  # tf32: the default, unused by fp16/bf16 operands

@@ -8,11 +8,12 @@ seen so far, in place and in one launch, and return the new count ``count + m`` 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import INTERPRETING
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The interpreter pays per operation and per program, not per register, so it runs big tiles: (output tile,
@@ -103,7 +104,7 @@ def hessian_update(hessian: torch.Tensor, x: torch.Tensor, count: int, *, input_
     # tiles do not spill but halve the reuse of each loaded row. To be settled by timing on an H100.
     block = min(128, max(16, triton.next_power_of_2(k)))
     block_m = 32 if x.dtype == torch.float32 else 64
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = INTERPRETING
     if interpreted:
         block, block_m = INTERPRETER_HESSIAN_TILES
         block = min(block, max(16, triton.next_power_of_2(k)))

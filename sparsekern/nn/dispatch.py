@@ -6,6 +6,9 @@ max_m >= M (rows of x) wins. Implementations:
 - ``triton``: ``sparsekern::sparse24_linear``, the compressed weight expanded on chip (fewer bytes read);
 - ``dense``: cuBLAS on the weight decompressed for the call (``decompress_24`` then ``F.linear``);
 - ``semi_structured``: PyTorch's 2:4 tensor (cuSPARSELt or CUTLASS), converted once and kept.
+A channel-permuted layer (``SparseLinear.perm``) follows the same rules: ``triton`` gathers x[..., perm] in its
+loads, ``dense`` and ``semi_structured`` index_select x first (their GEMMs take no gather). The table was measured
+without a perm.
 Shapes or GPUs the table has not measured use ``DEFAULT_RULES``. CPU tensors run the reference (``dense``), or the
 Triton kernel under the interpreter backend (how the tests reach it).
 """

@@ -27,9 +27,9 @@ METHODS = REGISTRY["method"]  # name -> class, every registered method
 
 
 def make_method(name: str, *, update: str = "none", refine: str = "none", allocation: str = "uniform",
-                progress: bool = True, **options) -> Recipe:
+                permute: bool = False, progress: bool = True, **options) -> Recipe:
     """The recipe for ``method`` (+ ``update``, + ``refine``, + ``allocation``: a registered one, "uniform", or the
-    path of a JSON file), each step given the options it declares.
+    path of a JSON file), each step given the options it declares; ``permute``: channel permutation for N:M.
 
     options: {name: value}; None means "not given" (the step's default). An option none of the chosen steps takes
     is refused; so is an unknown method, update or refinement. progress: whether a step that shows its own
@@ -54,7 +54,8 @@ def make_method(name: str, *, update: str = "none", refine: str = "none", alloca
         built.append(cls(progress=progress, **values) if cls is OBC else cls(**values))
     method = built[0]
     rest = {step.kind: step for step in built[1:]}
-    return Recipe(method, rest.get("update"), rest.get("refine"), rest.get("allocation") or allocation_file)
+    return Recipe(method, rest.get("update"), rest.get("refine"), rest.get("allocation") or allocation_file,
+                  permute)
 
 
 __all__ = ["METHODS", "OBC", "REGISTRY", "HessianStats", "LayerStats", "LinearResult", "Magnitude", "Method",

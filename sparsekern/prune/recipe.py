@@ -9,7 +9,7 @@ import torch
 
 from ..patterns import SparsityPattern
 from .base import LinearResult, Method, Step
-from .stats import LayerStats
+from .stats import LayerStats, NormStats, part
 
 
 class Recipe:
@@ -17,7 +17,7 @@ class Recipe:
     per input group holding everything the steps need, one ``prepare`` and one ``prune_linear`` per linear."""
 
     def __init__(self, method: Method, update: Step | None = None, refine: Step | None = None,
-                 allocation: Step | str | None = None):
+                 allocation: Step | str | None = None, permute: bool = False):
         if update is not None and method.updates_weights:
             raise ValueError(f"--update {update.name}: method {method.name!r} already updates the kept weights "
                              "itself; drop --update, or pick a mask-only method (wanda, ria, magnitude)")
@@ -27,7 +27,9 @@ class Recipe:
         self.allocation = allocation
         self.steps = [step for step in (method, update, refine) if step is not None]
         self.name = method.name
-        self.needs = frozenset().union(*(step.needs for step in self.steps))
+        # Channel permutation for N:M: the group's Wanda scores choose it, so the norms are collected too.
+        self.permute = permute
+        self.needs = frozenset().union(*(step.needs for step in self.steps), {"norm"} if permute else ())
         self.stats = LayerStats if self.needs else None  # None: data-free (the driver skips calibration)
         # Calibration data is needed by the steps' statistics, or by an allocation's dense pass.
         self.needs_calibration = bool(self.needs) or bool(getattr(allocation, "needs", None))
@@ -46,11 +48,29 @@ class Recipe:
             merged.update(self.allocation.options())
         allocation = self.allocation.name if isinstance(self.allocation, Step) else self.allocation or "uniform"
         return {**merged, "update": self.update.name if self.update else "none",
-                "refine": self.refine.name if self.refine else "none", "allocation": allocation}
+                "refine": self.refine.name if self.refine else "none", "allocation": allocation,
+                "permute": self.permute}
 
     def validate(self, pattern: SparsityPattern, where: str) -> None:
         for step in self.steps:
             step.validate(pattern, where)
+
+    def group_permutation(self, stats: Any, weights: list[torch.Tensor], patterns: list[SparsityPattern],
+                          where: str) -> torch.Tensor | None:
+        """With ``permute``, for an input group pruned N:M (one N:M for all its linears): the input order that keeps
+        the most Wanda score |W_ij| * ||X_j|| under the pattern (``sparsekern.permute``), with ``stats`` reordered to
+        it; None otherwise. The linears are then pruned as W[:, perm] and put back in their own order."""
+        if not self.permute or not patterns[0].is_nm or len({(p.n, p.m) for p in patterns}) != 1:
+            return None
+        from ..permute import nm_permutation
+
+        norm = part(stats, NormStats).norm
+        scores = torch.cat([w.detach().abs().float() * norm.to(w.device) for w in weights])  # on the layer's device
+        perm = nm_permutation(scores, patterns[0].n, patterns[0].m).to(norm.device)
+        if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+            return None
+        stats.permute(perm)
+        return perm
 
     def prepare(self, stats: Any, where: str) -> list:
         return [step.prepare(stats, where) if step.needs else None for step in self.steps]

@@ -55,6 +55,16 @@ class LayerStats:
         for stat in self.parts.values():
             stat.add(x)
 
+    def permute(self, perm: torch.Tensor) -> None:
+        """Reorder every statistic's inputs to ``perm`` (input j becomes input perm[j]), as the weights will be."""
+        for stat in self.parts.values():
+            for key, value in vars(stat).items():
+                if isinstance(value, torch.Tensor):
+                    value = value.index_select(0, perm.to(value.device))
+                    if key == "hessian":
+                        value = value.index_select(1, perm.to(value.device))
+                    setattr(stat, key, value.contiguous())
+
 
 class HessianStats(_RunningStatistic):
     """H = 2/n * sum x x^T over the n input rows seen (SparseGPT), accumulated in fp32.

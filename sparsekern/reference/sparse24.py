@@ -69,7 +69,10 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W the decompressed weight; x [..., K], y [..., N] in x's dtype."""
+                    bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W the decompressed weight; x [..., K], y [..., N] in x's dtype. perm [K] int32/int64
+    or None: W is stored in permuted input order (W = W_original[:, perm]) and y = x[..., perm] @ W^T + bias."""
+    if perm is not None:
+        x = x.index_select(-1, perm)
     return torch.nn.functional.linear(x, decompress_24(values, meta).to(x.dtype),
                                       None if bias is None else bias.to(x.dtype))
