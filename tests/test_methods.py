@@ -283,3 +283,23 @@ def test_permute_keeps_more_weight_than_the_plain_order(tiny_llama, char_tokeniz
     kept_permuted = {name: dict(tiny_llama.named_modules())[name].weight.detach().abs().sum().item()
                      for name in kept_plain}
     assert sum(kept_permuted.values()) > sum(kept_plain.values())
+
+
+def test_owl_outlier_ratios_match_their_definition():
+    from sparsekern.prune.allocation import OWL, AllocationContext
+
+    layers = [[torch.rand(6, 10, generator=gen(i)) ** (4 + i), torch.rand(3, 10, generator=gen(10 + i)) ** 2]
+              for i in range(4)]
+    owl = OWL(owl_threshold=3.0, owl_lambda=0.05)
+    weights = [1.0, 1.0, 1.0, 1.0]
+    sparsities = owl.allocate(AllocationContext(0.6, weights, lambda: layers))
+    expected_ratios = []
+    for scores in layers:
+        values = [v for s in scores for v in s.flatten().tolist()]
+        mean = sum(values) / len(values)
+        expected_ratios.append(sum(v > 3.0 * mean for v in values) / len(values))
+    assert owl.outlier_ratios == pytest.approx(expected_ratios)
+    low, high = min(expected_ratios), max(expected_ratios)
+    raw = [0.6 - (r - low) / (high - low) * 0.1 for r in expected_ratios]
+    shift = 0.6 - sum(raw) / 4
+    assert sparsities == pytest.approx([r + shift for r in raw])
