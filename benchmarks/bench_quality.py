@@ -101,7 +101,8 @@ def run(args) -> None:
                        "refine": refine, "allocation": allocation, "permute": permute, "seed": seed, "nsamples": args.nsamples,
                        "seqlen": args.seqlen, "eval_tokens": args.eval_windows * (args.seqlen - 1),
                        "perplexity": round(ppl, 4), "sparsity": round(report.sparsity, 5),
-                       "prune_s": round(prune_s, 2)}
+                       "prune_s": round(prune_s, 2),
+                       "slope": (report.allocation or {}).get("slope", "")}
                 print(row, flush=True)
                 append_rows("quality", [row], torch.device("cpu"))
         model.load_state_dict(dense)

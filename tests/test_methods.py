@@ -303,3 +303,21 @@ def test_owl_outlier_ratios_match_their_definition():
     raw = [0.6 - (r - low) / (high - low) * 0.1 for r in expected_ratios]
     shift = 0.6 - sum(raw) / 4
     assert sparsities == pytest.approx([r + shift for r in raw])
+
+
+def test_sensitivity_search_finds_the_best_slope_in_five_passes():
+    from sparsekern.prune.allocation import AllocationContext, Sensitivity
+
+    for best in [0.12, -0.04, 0.16]:
+        calls = []
+
+        def loss(sparsities, best=best):
+            slope = (sparsities[-1] - sparsities[0]) / 2
+            calls.append(slope)
+            return (slope - best) ** 2
+
+        step = Sensitivity()
+        sparsities = step.allocate(AllocationContext(0.5, [1.0] * 6, None, loss))
+        assert step.slope == pytest.approx(best) and len(calls) <= 5
+        assert sum(sparsities) / 6 == pytest.approx(0.5)
+        assert sparsities == pytest.approx(depth_schedule(6, 0.5, best, [1.0] * 6))
