@@ -233,3 +233,19 @@ def test_sparse24_linear(device, label, dtype, tiles, shape, bias):
     assert got.dtype == dtype
     tolerance = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     assert relative_error(got, expected) < tolerance, f"{label} (splits {config[5]})"
+
+
+@pytest.mark.parametrize("label, m, n, k", [("decode, split-K, perm", 1, 64, 4096), ("prefill, perm", 200, 256, 1004)])
+def test_sparse24_linear_permuted(device, label, m, n, k):
+    """The kernel's gathered loads of x (channel permutation): y = x[:, perm] @ W^T."""
+    from sparsekern.triton_kernels import sparse24_gemm
+
+    dtype = torch.float16
+    weight = randn(n, k, seed=17, dtype=dtype, device=device)
+    weight = weight.masked_fill(nm_mask(weight.abs().float(), 2, 4), 0)
+    values, meta = reference.compress_24(weight)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(18)).to(device=device, dtype=torch.int32)
+    x = randn(m, k, seed=19, dtype=dtype, device=device)
+    expected = x.float()[:, perm.long()] @ weight.float().T
+    got = sparse24_gemm.sparse24_linear(x, values, meta, None, perm)
+    assert relative_error(got, expected) < 5e-3, label
