@@ -113,7 +113,8 @@ def test_cost_warning_progress_and_options(monkeypatch, capsys):
         make_method("obc", percdamp=-1.0)
     method = make_method("obc", percdamp=0.1, hessian_dtype="bfloat16", progress=False)
     assert method.options() == {"percdamp": 0.1, "max_damp_tries": 4, "hessian_dtype": "bfloat16",
-                                "rows_per_batch": None, "update": "none", "refine": "none"}
+                                "rows_per_batch": None, "update": "none", "refine": "none", "allocation": "uniform",
+                                "permute": False}
     assert method.new_stats(8, torch.device("cpu"), "layer").parts[HessianStats].input_dtype == torch.bfloat16
 
     # A layer past the cost threshold warns once per run and shows a progress bar; small ones stay silent.
