@@ -58,6 +58,10 @@ PRESETS = {
         ("0.5", "sparsegpt", "none", "none", "sensitivity"),
         ("0.5", "ria", "obs", "none", "uniform"),
     ],
+    "permute": [
+        ("2:4", "sparsegpt", "none", "none", "uniform", True),
+        ("2:4", "ria", "obs", "none", "uniform", True),
+    ],
 }
 
 
