@@ -150,6 +150,14 @@ def tiny_folder(tmp_path, tiny_llama, char_tokenizer):
 
 
 @pytest.fixture
+def text_file(tmp_path):
+    """A small local calibration text (what --calib PATH takes)."""
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return path
+
+
+@pytest.fixture
 def interrupt_at(monkeypatch):
     """interrupt_at(MethodClass, "model.layers.1."): pruning any linear under that prefix raises
     KeyboardInterrupt, as a user's Ctrl-C would. Returns the method's original prune_linear."""

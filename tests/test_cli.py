@@ -6,13 +6,6 @@ import pytest
 from checks import run_cli as run
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    return path
-
-
 @pytest.mark.parametrize("method, sparsity", [("sparsegpt", "0.5"), ("wanda", "2:4"), ("magnitude", "4:8")])
 def test_prune_json_and_checkpoint(capsys, tmp_path, tiny_folder, text_file, method, sparsity):
     out = tmp_path / "out"

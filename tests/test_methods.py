@@ -321,3 +321,17 @@ def test_sensitivity_search_finds_the_best_slope_in_five_passes():
         assert step.slope == pytest.approx(best) and len(calls) <= 5
         assert sum(sparsities) / 6 == pytest.approx(0.5)
         assert sparsities == pytest.approx(depth_schedule(6, 0.5, best, [1.0] * 6))
+
+
+def test_cli_permute_writes_the_orders_beside_the_checkpoint(tiny_folder, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    code = cli.main(["prune", str(tiny_folder), "--method", "wanda", "--sparsity", "2:4", "--permute", "--nsamples",
+                     "4", "--seqlen", "16", "--calib", str(text_file), "--out", str(out), "--quiet", "--json",
+                     "--device", "cpu"])
+    assert code == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    perms = load_file(str(out / "permutations.safetensors"))
+    assert record["options"]["permute"] is True and record["permuted_linears"] == len(perms) > 0
+    assert all("permutation" not in layer for layer in record["layers"])
