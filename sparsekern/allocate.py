@@ -37,9 +37,7 @@ def allocate(model: nn.Module, recipe, pattern: SparsityPattern, calibration: to
     over it for the linears it names); the layers' average over those parameters is exactly the target."""
     if recipe.allocation is None:
         return {}, None
-    if pattern.is_nm:
-        raise ValueError(f"--allocation spreads an unstructured sparsity over the layers; {pattern} is N:M: use "
-                         "--allocation uniform, or an unstructured --sparsity such as 0.5")
+    # (an N:M pattern with an allocation is refused earlier, by api.check_arguments)
     layers_name, layers = find_decoder_layers(model)
     names = [f"{layers_name}.{index}" for index in range(len(layers))]
     allocated = [{name: linear for name, linear in find_linears(layer).items()
@@ -78,6 +76,7 @@ class _Passes:
         self.device, self.progress = torch.device(device), progress
         self._norms = None
         self._inputs = None
+        self._tensor_output = None  # whether the decoder layers return a tensor (else a tuple led by it)
 
     def _captured(self):
         if self._inputs is None:
@@ -139,9 +138,11 @@ class _Passes:
         total, count = 0.0, 0
         restore = _move_outside_layers(self.model, self.layers, self.device)
         try:
-            with _on_device(self.layers[0], self.device):  # the layers' output structure, from one real call
-                sample = self._inputs[1][0][0](self.layers[0], self._inputs[0][0])
-            current["tensor_output"] = isinstance(sample, torch.Tensor)
+            if self._tensor_output is None:  # the layers' output structure, from one real call (once)
+                with _on_device(self.layers[0], self.device):
+                    sample = self._inputs[1][0][0](self.layers[0], self._inputs[0][0])
+                self._tensor_output = isinstance(sample, torch.Tensor)
+            current["tensor_output"] = self._tensor_output
             with _swapped_forwards(self.layers, make_forward):
                 for batch, hidden in zip(self.batches, final):
                     current["hidden"] = hidden

@@ -51,13 +51,15 @@ from __future__ import annotations
 
 import torch
 
+from .ops import _check_nm
+
 __all__ = ["kept_score", "nm_permutation"]
 
 
 def kept_score(scores: torch.Tensor, perm: torch.Tensor | None, n: int, m: int) -> float:
     """Total score kept by N:M pruning of ``scores[:, perm]``: the sum over rows of the m - n largest of every m
     consecutive permuted columns, summed in float64. ``perm`` [cols] (any integer dtype) None is the identity."""
-    _check(scores, n, m)
+    _check_nm(scores, n, m, "scores")
     if perm is not None and perm.shape != (scores.shape[1],):
         raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({scores.shape[1]},)")
     rows, cols = scores.shape
@@ -83,7 +85,7 @@ def nm_permutation(scores: torch.Tensor, n: int, m: int, refine: bool = True, *,
     docstring). max_sweeps: at most this many refinement sweeps (m assignment steps each). seed: the random block
     partitions and within-group orders of the refinement (the result is deterministic for a seed).
     """
-    _check(scores, n, m)
+    _check_nm(scores, n, m, "scores")
     if block_groups < 1 or max_sweeps < 0:
         raise ValueError(f"block_groups must be >= 1 and max_sweeps >= 0, got {block_groups} and {max_sweeps}")
     if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
@@ -104,15 +106,6 @@ def nm_permutation(scores: torch.Tensor, n: int, m: int, refine: bool = True, *,
     if refine and max_sweeps:
         perm = _refine(channels, perm, n, m, block_groups, max_sweeps, seed)
     return perm if _kept(channels, perm.reshape(-1, m), keep) > base + margin else identity
-
-
-def _check(scores: torch.Tensor, n: int, m: int) -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be 2-D [rows, cols], got shape {tuple(scores.shape)}")
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    if scores.shape[1] % m:
-        raise ValueError(f"scores has {scores.shape[1]} columns, not divisible by M={m}")
 
 
 def _top(values: list[torch.Tensor], k: int, sum_dtype: torch.dtype | None = None
