@@ -51,8 +51,6 @@ ext_modules, cmdclass = native_extension()
 setup(
     packages=packages,
     package_dir={KERNELS_PKG: KERNELS_SRC},
-    # The measured 2:4 dispatch table ships with the package (sparsekern/nn/dispatch.py reads it).
-    package_data={"sparsekern.nn": ["dispatch_table.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

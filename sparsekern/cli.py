@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer pattern, e.g. '*.down_proj=0.6' or '*.layers.0.*=dense' (repeatable)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint (written atomically)")
+    prune.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+                       help="dense (default): a plain Hugging Face checkpoint; compressed: each pruned linear stored "
+                            "in its sparse format (2:4 or bitmap), smaller on disk, loaded by sparsekern.load and "
+                            "this CLI's eval/generate (sparsekern decompress turns it back into the dense one)")
     prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     prune.add_argument("--restart", action="store_true",
                        help="discard the progress an interrupted run left in OUT.partial instead of resuming")
@@ -134,12 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     _add_model_args(generate)
 
-    bench = sub.add_parser("bench", help="time 2:4 linear layers vs dense on this GPU (and tune SparseLinear)")
+    compress = sub.add_parser("compress", help="store a pruned (dense) checkpoint's linears compressed: 2:4 or "
+                                               "bitmap per layer, smaller on disk")
+    compress.add_argument("model", help="a pruned checkpoint folder (or any Hugging Face folder)")
+    compress.add_argument("--out", required=True, help="folder for the compressed checkpoint (written atomically)")
+    compress.add_argument("--format", default="auto", choices=["auto", "2:4", "bitmap"],
+                          help="auto (default): 2:4 where a linear is 2:4, else the bitmap where that saves at least "
+                               "25%% of its bytes, else dense; or one format only")
+    compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    compress.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+
+    decompress = sub.add_parser("decompress", help="turn a compressed checkpoint back into the plain Hugging Face "
+                                                   "one, bit-identical to the dense save")
+    decompress.add_argument("model", help="a compressed checkpoint folder (with sparsekern.json)")
+    decompress.add_argument("--out", required=True, help="folder for the dense checkpoint (written atomically)")
+    decompress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    decompress.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+
+    bench = sub.add_parser("bench", help="time compressed linear layers vs dense on this GPU (and tune SparseLinear)")
     bench.add_argument("--shapes", default="7b", help="comma-separated LLaMA shape sets: 7b, 13b, 70b (default 7b)")
     bench.add_argument("--m", default=None, help="comma-separated batch sizes (default 1,2,4,...,8192)")
     bench.add_argument("--dtypes", default="float16", help="comma-separated: float16, bfloat16")
     bench.add_argument("--write-table", action="store_true",
-                       help="store the measured crossovers in the installed dispatch table SparseLinear reads")
+                       help="store the measured crossovers in this user's dispatch table (in the cache folder, "
+                            "$SPARSEKERN_CACHE or ~/.cache/sparsekern), which SparseLinear reads")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of progress lines")
     return parser
 
@@ -206,16 +228,34 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
         **_step_options(args),
     )
     record = {"model": str(args.model), **report.to_dict()}
-    save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
-                    extra_tensors={"permutations.safetensors": report.permutations} if report.permutations else None)
+    sizes = None
+    if args.save_format == "compressed":
+        from .checkpoint import save_compressed
+
+        sizes = save_compressed(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
+                                perms=report.permutations)
+    else:
+        save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
+                        extra_tensors={"permutations.safetensors": report.permutations} if report.permutations
+                        else None)
     shutil.rmtree(partial, ignore_errors=True)
     result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
-              "time_s": report.time_s, "out": str(out), "linears": len(report.linears)}
+              "time_s": report.time_s, "out": str(out), "linears": len(report.linears),
+              "save_format": args.save_format, **({"sizes": sizes} if sizes else {})}
     if not args.json:
         _print_prune_table(report)
         print(f"\n{report.method} {report.pattern}: {report.sparsity:.2%} zeros over {len(report.linears)} linears "
               f"in {report.time_s:.1f} s -> {out}")
+        if sizes:
+            print(_sizes_line(sizes))
     return result
+
+
+def _sizes_line(sizes: dict) -> str:
+    per_format = ", ".join(f"{count} {fmt}" for fmt, count in sizes["compressed_linears"].items()) or "none"
+    return (f"compressed linears: {per_format}; linear weights {sizes['stored_linear_bytes'] / 2**20:.1f} MiB stored "
+            f"of {sizes['dense_linear_bytes'] / 2**20:.1f} MiB dense ({sizes['ratio']:.1%}); weight files "
+            f"{sizes['file_bytes']['weights'] / 2**20:.1f} MiB")
 
 
 def _print_prune_table(report) -> None:
@@ -238,7 +278,6 @@ def _print_prune_table(report) -> None:
 def cmd_eval(args) -> dict:
     from .data import check_source, eval_tokens, window_bos
     from .eval import perplexity
-    from .models import load_model
 
     if args.seqlen < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise ValueError(f"--seqlen must be at least 2 and --batch-size, --max-windows positive; got --seqlen "
@@ -250,7 +289,7 @@ def cmd_eval(args) -> dict:
             raise ValueError(f"--limit must be a positive number of documents per task, got {args.limit}")
         device = _device(args.device)
         task_set = load_tasks(args.tasks, progress=not args.quiet)  # a bad task fails before the model loads
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        model, tokenizer = _load_any(args.model, args.dtype, device)
         result = zero_shot(model, tokenizer, task_set, limit=args.limit, batch_size=args.batch_size,
                            add_bos_token={"auto": None, "always": True, "never": False}[args.bos],
                            progress=not args.quiet)
@@ -264,7 +303,7 @@ def cmd_eval(args) -> dict:
         raise ValueError("--limit applies to --tasks; for perplexity, --max-windows caps the windows scored")
     check_source(args.data)
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = _load_any(args.model, args.dtype, device)
     bos_id = window_bos(tokenizer, args.bos)
     ids = eval_tokens(tokenizer, args.data, args.split, args.bos)
     start = time.perf_counter()
@@ -278,13 +317,42 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def cmd_generate(args) -> dict:
-    from .models import load_model
+def _load_any(name: str, dtype: str, device: torch.device):
+    """A compressed checkpoint through ``sparsekern.load`` (SparseLinear layers), anything else as it is."""
+    from .checkpoint import is_compressed, load
+    from .models import load_model, resolve_model
 
+    folder = resolve_model(name)
+    if is_compressed(folder):
+        return load(folder, device=device, dtype=dtype)
+    return load_model(folder, dtype=dtype, device=device)
+
+
+def cmd_compress(args) -> dict:
+    from .checkpoint import compress_checkpoint
+
+    sizes = compress_checkpoint(args.model, args.out, overwrite=args.overwrite, format=args.format)
+    if not args.json:
+        print(f"{args.model} -> {sizes['out']}")
+        print(_sizes_line(sizes))
+    return sizes
+
+
+def cmd_decompress(args) -> dict:
+    from .checkpoint import decompress_checkpoint, folder_bytes
+
+    out = decompress_checkpoint(args.model, args.out, overwrite=args.overwrite)
+    result = {"out": str(out), "file_bytes": folder_bytes(out)}
+    if not args.json:
+        print(f"{args.model} -> {out} (weight files {result['file_bytes']['weights'] / 2**20:.1f} MiB)")
+    return result
+
+
+def cmd_generate(args) -> dict:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty: give the text to continue, e.g. --prompt 'The prime minister said'")
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = _load_any(args.model, args.dtype, device)
     torch.manual_seed(args.seed)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} \
@@ -332,7 +400,8 @@ def _quiet_transformers(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "compress": cmd_compress,
+            "decompress": cmd_decompress, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ __all__ = [
     "partial_dir",
     "OutputLock",
     "save_checkpoint",
+    "write_atomically",
+    "write_extras",
 ]
 
 
@@ -273,25 +275,40 @@ def save_checkpoint(
     one is in place. On any error the temporary folder is removed and ``out_dir`` is untouched.
     The result reloads with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
     """
-    out = Path(out_dir).expanduser().absolute()
     extra_json = dict(extra_json or {})
     for name in extra_json:
         if Path(name).name != name or not name.endswith(".json"):
             raise ValueError(f"extra_json key {name!r} must be a plain file name ending in .json")
-    check_destination(out, overwrite)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in extra_json.items():
-            _write_json(tmp / name, content)
-        for name, tensors in (extra_tensors or {}).items():
-            from safetensors.torch import save_file
+        write_extras(tmp, extra_json, extra_tensors)
 
-            save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(tmp / name))
+    return write_atomically(out_dir, overwrite, write)
+
+
+def write_extras(folder: Path, extra_json: dict[str, dict] | None = None,
+                 extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """JSON files and safetensors files ({file name: {key: tensor}}) beside a checkpoint."""
+    for name, content in (extra_json or {}).items():
+        _write_json(folder / name, content)
+    for name, tensors in (extra_tensors or {}).items():
+        from safetensors.torch import save_file
+
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(folder / name))
+
+
+def write_atomically(out_dir: str | os.PathLike, overwrite: bool, write) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling folder of ``out_dir`` and rename it into place when it returns
+    (see :func:`save_checkpoint`); on any error the temporary folder is removed and ``out_dir`` is untouched."""
+    out = Path(out_dir).expanduser().absolute()
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

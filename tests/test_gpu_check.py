@@ -63,10 +63,14 @@ def test_every_row_carries_its_speedup_over_a_baseline_of_the_same_run(dry_run):
     gemm = [r for r in rows if r["bench"] == "gemm"]
     assert {r["impl"] for r in gemm} == {"dense", "triton", "dense_decompress", "dispatched"}
     assert {r["m"] for r in gemm} == {"1", "16", "2048"}
+    assert {(r["format"], float(r["sparsity"])) for r in gemm} == {("2:4", 0.5), ("bitmap", 0.5), ("bitmap", 0.7)}
     e2e = [r for r in rows if r["bench"] == "e2e"]
-    assert [(r["variant"], r["layers"]) for r in e2e] == [("dense", "2"), ("sparse", "2"), ("dense", "1"),
-                                                          ("sparse", "1")]
-    assert float(e2e[1]["weights_gib"]) < float(e2e[0]["weights_gib"])  # the compressed 2:4 weights are smaller
+    assert [(r["pattern"], r["variant"], r["format"], r["layers"]) for r in e2e] == [
+        ("dense", "dense", "dense", "2"), ("2:4", "sparse", "2:4", "2"), ("dense", "dense", "dense", "1"),
+        ("2:4", "sparse", "2:4", "1"), ("0.7", "sparse", "bitmap", "1")]
+    # the compressed weights are smaller: 2:4 than dense, the 70% bitmap than 2:4
+    assert float(e2e[1]["weights_gib"]) < float(e2e[0]["weights_gib"])
+    assert float(e2e[4]["weights_gib"]) < float(e2e[3]["weights_gib"]) < float(e2e[2]["weights_gib"])
 
 
 def readme_targets():
@@ -86,7 +90,7 @@ def test_summary_has_every_target_of_the_readme_with_a_figure(dry_run):
         line = next(line for line in text.splitlines() if line.startswith(f"| {target.name} |"))
         figure = line.split("|")[3].strip()
         assert figure and not figure.startswith("not reached"), line  # every stage ran in the dry run
-    assert "## 2:4 dispatch table from the gemm rows" in text
+    assert "## Dispatch table from the gemm rows (2:4 and bitmap)" in text
 
 
 def test_plots_and_dispatch_table_from_the_check_rows(dry_run, tmp_path):
@@ -107,12 +111,15 @@ def test_plots_and_dispatch_table_from_the_check_rows(dry_run, tmp_path):
         assert plot.main(["--kind", kind, "--csv", str(path), "--out", str(out)]) == 0
         assert out.stat().st_size > 10_000
     entries = bench.crossover_rules([r for r in rows if r["bench"] == "gemm"])
-    assert len(entries) == 1 and entries[0]["rules"][-1][0] is None
-    assert {impl for _, impl in entries[0]["rules"]} <= set(dispatch.IMPLS)
+    # one entry per format and sparsity: 2:4 (sparsity null), the bitmap at 50% and 70%
+    assert sorted((e["format"], e["sparsity"]) for e in entries) == [("2:4", None), ("bitmap", 0.5), ("bitmap", 0.7)]
+    for entry in entries:
+        assert entry["rules"][-1][0] is None
+        assert {impl for _, impl in entry["rules"]} <= set(dispatch.IMPLS)
     table = tmp_path / "table.json"
     bench.write_table(entries, table)
     bench.write_table(entries, table)  # the same key replaces, not duplicates
-    assert len(json.loads(table.read_text())["entries"]) == 1
+    assert len(json.loads(table.read_text())["entries"]) == 3
 
 
 def test_import_brings_gpu_rows_home_and_refuses_dry_ones(dry_run, tmp_path, monkeypatch):
@@ -131,14 +138,14 @@ def test_import_brings_gpu_rows_home_and_refuses_dry_ones(dry_run, tmp_path, mon
         writer.writeheader()
         writer.writerows({**r, "check": "gpu"} for r in rows)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(dispatch, "TABLE", tmp_path / "dispatch_table.json")
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path))
     assert gpu_check.main(["import", str(fake)]) == 0
     for name in ["prune", "prune_model", "gemm", "cholesky", "e2e"]:
         with open(tmp_path / "results" / f"{name}.csv", newline="") as f:
             imported = list(csv.DictReader(f))
         assert len(imported) == sum(r["bench"] == name for r in rows)
         assert "bench" not in imported[0] and "check" not in imported[0]
-    assert len(json.loads((tmp_path / "dispatch_table.json").read_text())["entries"]) == 1
+    assert len(json.loads((tmp_path / "dispatch_table.json").read_text())["entries"]) == 3
 
 
 def test_a_stage_over_budget_is_cut_with_its_processes_and_the_rest_still_run(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""SparseLinear and sparsify: compressed 2:4 layers that compute what the masked-dense layers did."""
+"""SparseLinear and sparsify: compressed 2:4 and bitmap layers that compute what the masked-dense layers did."""
 
 import json
 
@@ -34,6 +34,9 @@ def test_from_dense_computes_the_masked_dense_layer(shape, bias):
 def test_non_24_layer_is_refused_by_name():
     linear = torch.nn.Linear(8, 4)
     with pytest.raises(ValueError, match=r"model.layers.3.mlp.up_proj.weight is not 2:4: row 0, columns 0..3"):
+        SparseLinear.from_dense(linear, "model.layers.3.mlp.up_proj", format="2:4")
+    with pytest.raises(ValueError, match=r"model.layers.3.mlp.up_proj.weight \(4x8, 0.0% zeros\) would not be at "
+                                         r"least 25% smaller in any sparse format"):
         SparseLinear.from_dense(linear, "model.layers.3.mlp.up_proj")
     with pytest.raises(ValueError, match="multiple of 4"):
         SparseLinear(6, 4)
@@ -70,7 +73,7 @@ def test_state_dict_round_trip_and_compile():
 def test_sparsify_with_a_filter_names_a_dense_layer():
     model = torch.nn.Sequential(pruned_linear(64, 24), torch.nn.Linear(24, 8))
     with pytest.raises(ValueError, match=r"^1.weight is not 2:4"):
-        sparsify(model, filter_fn=lambda name, linear: True)
+        sparsify(model, filter_fn=lambda name, linear: True, format="2:4")
     assert sparsify(model, filter_fn=lambda name, linear: name == "0") == ["0"]
     assert is_24(model[0].to_dense().weight) and not is_24(model[1].weight)
 
@@ -79,19 +82,30 @@ def test_dispatch_rules(tmp_path, monkeypatch):
     assert dispatch.choose(((16, "triton"), (None, "dense")), 1) == "triton"
     assert dispatch.choose(((16, "triton"), (None, "dense")), 17) == "dense"
     assert dispatch.choose(((16, "triton"), (128, "semi_structured"), (None, "dense")), 64) == "semi_structured"
-    table = tmp_path / "table.json"
-    table.write_text(json.dumps({"entries": [{"device": "GPU X", "dtype": "float16", "n": 8, "k": 16,
-                                              "rules": [[4, "triton"], [None, "dense"]]}]}))
-    monkeypatch.setattr(dispatch, "TABLE", table)
-    dispatch._table.cache_clear()
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path))  # the measured table lives in the user's cache
+    assert dispatch.table_path() == tmp_path / "dispatch_table.json"
+    dispatch.table_path().write_text(json.dumps({"entries": [
+        {"device": "GPU X", "dtype": "float16", "n": 8, "k": 16, "rules": [[4, "triton"], [None, "dense"]]},
+        {"device": "GPU X", "format": "bitmap", "sparsity": 0.68, "dtype": "float16", "n": 8, "k": 16,
+         "rules": [[16, "triton"], [None, "dense"]]}]}))
+    dispatch.clear_caches()
     try:
-        assert dispatch._table()[("GPU X", "float16", 8, 16)] == ((4, "triton"), (None, "dense"))
-        assert dispatch.rules_for(torch.device("cpu"), torch.float16, 8, 16) == ((None, "dense"),)
+        assert dispatch._table()[("GPU X", "2:4", "float16", 8, 16, None)] == ((4, "triton"), (None, "dense"))
+        assert dispatch._table()[("GPU X", "bitmap", "float16", 8, 16, 0.7)] == ((16, "triton"), (None, "dense"))
+        assert dispatch.rules_for(torch.device("cpu"), "2:4", torch.float16, 8, 16) == ((None, "dense"),)
     finally:
-        dispatch._table.cache_clear()
-    shipped = json.loads(dispatch.TABLE.read_text() if dispatch.TABLE.exists() else "{}")
-    for entry in shipped.get("entries", []):
-        assert {impl for _, impl in entry["rules"]} <= set(dispatch.IMPLS)
+        dispatch.clear_caches()
+
+
+def test_a_damaged_dispatch_table_is_reported_once_and_ignored(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path))
+    dispatch.table_path().write_text("{not json")
+    dispatch.clear_caches()
+    try:
+        assert dispatch._table() == {} and dispatch._table() == {}
+        assert capsys.readouterr().err.count("cannot be read") == 1
+    finally:
+        dispatch.clear_caches()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -99,7 +113,7 @@ def test_kernel_path_under_the_interpreter(interpret, dtype):
     """On the interpret backend SparseLinear runs the Triton kernels (compression and GEMM)."""
     linear = pruned_linear(68, 37, dtype=dtype)
     layer = SparseLinear.from_dense(linear)
-    assert dispatch.rules_for(torch.device("cpu"), dtype, 37, 68) == ((None, "triton"),)
+    assert dispatch.rules_for(torch.device("cpu"), "2:4", dtype, 37, 68) == ((None, "triton"),)
     x = torch.randn(3, 68).to(dtype)
     expected = (x.float() @ linear.weight.float().T + linear.bias.float())
     tolerance = 1e-2 if dtype == torch.float16 else 3e-2
@@ -169,7 +183,7 @@ def test_permuted_state_dict_sparsify_and_compile():
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = model(x)
-    assert sparsify(model) == []  # not 2:4 in its own order
+    assert sparsify(model, format="2:4") == []  # not 2:4 in its own order
     with pytest.raises(ValueError, match=r"^0.weight\[:, perm\] is not 2:4"):
         sparsify(model, filter_fn=lambda name, lin: name == "0", perms={"0": perm.roll(1)})
     with pytest.raises(ValueError, match=r"not nn.Linear layers of the model: \['9'\]"):

@@ -1,4 +1,4 @@
-"""Sparse inference: ``SparseLinear`` (2:4 weights stored compressed) and ``sparsify(model)``."""
+"""Sparse inference: ``SparseLinear`` (pruned weights stored compressed, 2:4 or bitmap) and ``sparsify(model)``."""
 
 from .sparse_linear import SparseLinear, is_24, sparsify, sparsify_like
 
