@@ -228,3 +228,78 @@ def test_nm_permutation_end_to_end(interpret):
     layer = SparseLinear.from_dense(linear.half(), perm=perm)
     x = torch.randn(3, 128).half()
     assert_close(layer(x).float(), linear(x).float(), "nm_permutation layer", atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_unmeasured_gpu_shapes_use_the_checked_kernel_and_say_so_once(tmp_path, monkeypatch, capsys, checked):
+    """No CUDA here: the GPU's name, the backend and the kernel check are stand-ins; the lookup logic is real."""
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "GPU X")
+    monkeypatch.setattr(dispatch, "get_backend", lambda: "cuda")
+    monkeypatch.setattr(dispatch, "_kernel_checked", lambda index, fmt, dtype: checked)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    dispatch.clear_caches()
+    try:
+        first = dispatch._cuda_rules(0, "bitmap", torch.float16, 4096, 4096, 0.7)
+        second = dispatch._cuda_rules(0, "2:4", torch.float16, 11008, 4096, None)
+        assert first == second == (dispatch.DEFAULT_RULES if checked else dispatch.FALLBACK_RULES)
+        err = capsys.readouterr().err
+        if checked:
+            assert err.count("is not measured on GPU X") == 1 and "bitmap at 70% float16 N=4096 K=4096" in err
+            assert "sparsekern bench --write-table" in err
+        else:
+            assert err.count("did not give the reference's result on GPU X") == 1
+        bench_entry = {"device": "GPU X", "format": "bitmap", "sparsity": 0.7, "dtype": "float16", "n": 4096,
+                       "k": 4096, "rules": [[4, "triton"], [None, "dense"]]}
+        from sparsekern import bench
+
+        assert bench.write_table([bench_entry]) == tmp_path / "dispatch_table.json"
+        assert dispatch._cuda_rules(0, "bitmap", torch.float16, 4096, 4096, 0.7) == ((4, "triton"), (None, "dense"))
+        assert capsys.readouterr().err == ""
+    finally:
+        dispatch.clear_caches()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
+def test_bitmap_layer_computes_the_masked_dense_layer(sparsity):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(150, 37)
+    with torch.no_grad():
+        linear.weight.masked_fill_(torch.rand_like(linear.weight) < sparsity, 0)
+    layer = SparseLinear.from_dense(linear, "up_proj")
+    assert layer.format == "bitmap" and layer.sparsity == pytest.approx(float((linear.weight == 0).float().mean()))
+    assert f"bitmap {layer.sparsity:.1%} sparse" in repr(layer)
+    assert layer.weight_nbytes() < 0.75 * linear.weight.numel() * 4
+    x = torch.randn(2, 3, 150)
+    assert_close(layer(x), linear(x), "bitmap SparseLinear", atol=1e-5)
+    assert torch.equal(layer.to_dense().weight, linear.weight)
+
+
+def test_sparsify_picks_the_format_by_pattern_and_size():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(pruned_linear(64, 24), torch.nn.Linear(64, 24), torch.nn.Linear(64, 24),
+                                torch.nn.Linear(64, 24))
+    with torch.no_grad():
+        model[1].weight.masked_fill_(torch.rand(24, 64) < 0.7, 0)  # 70% unstructured: bitmap
+        model[2].weight.masked_fill_(torch.rand(24, 64) < 0.1, 0)  # 10%: not worth compressing
+    assert sparsify(model) == ["0", "1"]
+    assert (model[0].format, model[1].format, type(model[2]), type(model[3])) == (
+        "2:4", "bitmap", torch.nn.Linear, torch.nn.Linear)
+    assert sparsify(model, filter_fn=lambda name, linear: name == "2") == ["2"]  # asked for: compressed anyway
+    assert model[2].format == "bitmap"
+    state = model.state_dict()
+    fresh = torch.nn.Sequential(*(torch.nn.Linear(64, 24) for _ in range(4)))
+    assert sparsify_like(fresh, state) == ["0", "1", "2"]
+    fresh.load_state_dict(state)
+    x = torch.randn(5, 64)
+    assert all(torch.equal(fresh[i](x), model[i](x)) for i in range(4))  # parallel layers, not a chain
+
+
+def test_a_tied_linear_stays_dense():
+    embedding = torch.nn.Embedding(24, 64)
+    head = torch.nn.Linear(64, 24, bias=False)
+    head.weight = embedding.weight
+    with torch.no_grad():
+        embedding.weight.masked_fill_(torch.rand(24, 64) < 0.7, 0)
+    model = torch.nn.ModuleDict({"embed": embedding, "head": head})
+    assert sparsify(model) == []
