@@ -37,6 +37,9 @@ _KERNEL_MODULES: dict[str, str] = {
     "compress_24": "sparse24",
     "decompress_24": "sparse24",
     "sparse24_linear": "sparse24_gemm",
+    "compress_bitmap": "bitmap",
+    "decompress_bitmap": "bitmap",
+    "bitmap_linear": "bitmap_gemm",
 }
 
 
@@ -302,6 +305,80 @@ def _check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
     words = -(-values.shape[1] // 16)
     if meta.dtype != torch.int32 or meta.shape != (values.shape[0], words):
         raise ValueError(f"meta must be int32 [{values.shape[0]}, {words}], got {meta.dtype} {tuple(meta.shape)}")
+
+
+# -- bitmap compressed weights ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsekern::compress_bitmap", mutates_args=())
+def compress_bitmap(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [nnz] in weight's dtype, bitmap [N, ceil(K/32)] int32, offsets [N, ceil(K/128)] int32) of any weight
+    [N, K] of a float dtype: every entry whose bits are not +0.0's is kept (-0.0, NaN and inf bit for bit). Format:
+    ``reference.bitmap``. nnz depends on the data (the kernels read it back: one GPU sync); ValueError when nnz
+    reaches 2**31."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a float tensor, got {weight.dtype}")
+    return _implementation("compress_bitmap", weight)(weight)
+
+
+@compress_bitmap.register_fake
+def _(weight):
+    rows, cols = weight.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (weight.new_empty((nnz,)), weight.new_empty((rows, -(-cols // reference.bitmap.WORD)), dtype=torch.int32),
+            weight.new_empty((rows, -(-cols // reference.bitmap.TILE)), dtype=torch.int32))
+
+
+@torch.library.custom_op("sparsekern::decompress_bitmap", mutates_args=())
+def decompress_bitmap(values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
+                      in_features: int) -> torch.Tensor:
+    """The dense weight [N, in_features] in values' dtype of a bitmap-compressed weight (exact round trip: +0.0
+    where nothing is kept)."""
+    _check_bitmap(values, bitmap, offsets, in_features)
+    return _implementation("decompress_bitmap", values)(values, bitmap, offsets, in_features)
+
+
+@decompress_bitmap.register_fake
+def _(values, bitmap, offsets, in_features):
+    return values.new_empty((bitmap.shape[0], in_features))
+
+
+@torch.library.custom_op("sparsekern::bitmap_linear", mutates_args=())
+def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a bitmap-compressed weight W [N, K] (K = x.shape[-1]): x [..., K] fp16/bf16/fp32
+    (fp32 accumulation), y [..., N] in x's dtype; bias [N] or None. Shapes are checked here; the contents (nnz
+    and offsets consistent with the bitmap) are not: that would synchronize with the GPU on every call."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension [..., K], got a scalar")
+    _check_bitmap(values, bitmap, offsets, x.shape[-1], "x.shape[-1]")
+    if bias is not None and bias.shape != (bitmap.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({bitmap.shape[0]},) (out_features)")
+    return _implementation("bitmap_linear", x)(x, values, bitmap, offsets, bias)
+
+
+@bitmap_linear.register_fake
+def _(x, values, bitmap, offsets, bias=None):
+    return x.new_empty((*x.shape[:-1], bitmap.shape[0]))
+
+
+def _check_bitmap(values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, in_features: int,
+                  source: str = "in_features") -> None:
+    """Shapes and dtypes of a bitmap-compressed weight with ``in_features`` inputs (named ``source`` in errors)."""
+    if values.dim() != 1 or not values.is_floating_point():
+        raise ValueError(f"values must be a 1-D float tensor [nnz], got {values.dtype} {tuple(values.shape)}")
+    if bitmap.dtype != torch.int32 or bitmap.dim() != 2:
+        raise ValueError(f"bitmap must be int32 [N, ceil(K/32)], got {bitmap.dtype} {tuple(bitmap.shape)}")
+    words = -(-in_features // reference.bitmap.WORD)
+    if bitmap.shape[1] != words:
+        raise ValueError(f"bitmap has shape {tuple(bitmap.shape)}, expected ({bitmap.shape[0]}, {words}) for "
+                         f"{source} = {in_features} (ceil(K/32) words a row)")
+    tiles = -(-in_features // reference.bitmap.TILE)
+    if offsets.dtype != torch.int32 or offsets.shape != (bitmap.shape[0], tiles):
+        raise ValueError(f"offsets must be int32 ({bitmap.shape[0]}, {tiles}) for {bitmap.shape[0]} rows and "
+                         f"{source} = {in_features} (ceil(K/128) a row), got {offsets.dtype} {tuple(offsets.shape)}")
 
 
 # -- the Cholesky family: native C++/CUDA (sparsekern._C), else the reference under the same schemas --------

@@ -21,7 +21,8 @@ F32 = "*fp32"
 
 
 def cases():
-    from sparsekern.triton_kernels import select, sparse24, sparse24_gemm, sparsegpt_sweep, stats, wanda
+    from sparsekern.triton_kernels import (_gemm_common, bitmap, bitmap_gemm, select, sparse24, sparse24_gemm,
+                                           sparsegpt_sweep, stats, wanda)
 
     sweep = {n: F32 for n in ["w_ptr", "u_ptr", "q_ptr", "err_ptr", "loss_ptr", "scale_ptr", "zero_ptr"]}
     sweep.update(prune_ptr="*u8", mask_ptr="*u8")
@@ -66,8 +67,30 @@ def cases():
                  "out_ptr": F32 if partial else "*fp16"}
         yield f"sparse24 gemm {label}", sparse24_gemm._sparse24_gemm_kernel, types, dict(
             gemm, HAS_PERM=perm, PARTIAL=partial, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2]), warps
-    yield "sparse24 split-K reduce", sparse24_gemm._splitk_reduce_kernel, {
+    yield "split-K reduce", _gemm_common._splitk_reduce_kernel, {
         "ws_ptr": F32, "bias_ptr": "*fp16", "y_ptr": "*fp16"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4
+    tiles = dict(zip(("BLOCK_N", "BLOCK_T"), bitmap.GPU_TILES))
+    for dtype, bits in [("*fp16", "*i16"), ("*fp32", "*i32")]:  # the kernels see integer views of the weight
+        types = {"w_ptr": bits, "bitmap_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
+                 "values_ptr": bits, "out_ptr": bits}
+        yield f"compress_bitmap count {dtype}", bitmap._bitmap_count_kernel, types, tiles, bitmap.GPU_WARPS
+        yield f"compress_bitmap scatter {dtype}", bitmap._bitmap_scatter_kernel, types, tiles, bitmap.GPU_WARPS
+        yield f"decompress_bitmap {dtype}", bitmap._bitmap_decompress_kernel, types, tiles, bitmap.GPU_WARPS
+    g = bitmap_gemm
+    for dtype in ["*fp16", "*bf16", "*fp32"]:
+        configs = [("decode", False, g.DECODE_TILES, True), ("decode split-K, ragged K", True, g.DECODE_TILES, False),
+                   ("prefill M <= 64", False, g.PREFILL_TILES_64, True),
+                   ("prefill, ragged K", False, g.PREFILL_TILES_128, False)]
+        if dtype == "*fp32":
+            configs = [("decode split-K", True, g.FP32_DECODE_TILES, False),
+                       ("prefill", False, g.FP32_PREFILL_TILES, False)]
+        for label, partial, (block_m, block_n, block_k, warps, _), even_k in configs:
+            types = {"x_ptr": dtype, "values_ptr": dtype, "bitmap_ptr": "*i32", "offsets_ptr": "*i32",
+                     "bias_ptr": dtype, "out_ptr": F32 if partial else dtype}
+            yield f"bitmap gemm {label} {dtype}", g._bitmap_gemm_kernel, types, dict(
+                HAS_BIAS=not partial, PARTIAL=partial, EVEN_K=even_k, DOT_FP32=False,
+                INPUT_PRECISION="ieee" if dtype == "*fp32" else "tf32",
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=g.GROUP_M), warps
 
 
 def compile_one(fn, types, constexprs, num_warps):

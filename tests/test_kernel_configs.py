@@ -249,3 +249,60 @@ def test_sparse24_linear_permuted(device, label, m, n, k):
     expected = x.float()[:, perm.long()] @ weight.float().T
     got = sparse24_gemm.sparse24_linear(x, values, meta, None, perm)
     assert relative_error(got, expected) < 5e-3, label
+
+
+# -- the bitmap format and its GEMM ---------------------------------------------------------------------------
+
+
+def _unstructured(n, k, sparsity, seed, dtype, device):
+    weight = randn(n, k, seed=seed, dtype=dtype, device=device)
+    return weight.masked_fill(torch.rand(n, k, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+                              < sparsity, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compress_decompress_bitmap(device, dtype):
+    from sparsekern.triton_kernels.bitmap import compress_bitmap, decompress_bitmap
+
+    weight = _unstructured(37, 300, 0.6, 20, dtype, device)
+    got = compress_bitmap(weight)
+    expected = reference.compress_bitmap(weight.cpu())
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected))
+    assert torch.equal(decompress_bitmap(*got, 300), weight)
+
+
+def _bitmap_gemm_cases():
+    """(label, dtype, tiles the launcher must pick, shape(sms) -> (m, n, k), bias)."""
+    from sparsekern.triton_kernels import bitmap_gemm as g
+
+    half = [
+        ("decode, split-K", g.DECODE_TILES, lambda sms: (1, 64, 4096), True),
+        ("decode, a program per SM, ragged K", g.DECODE_TILES, lambda sms: (16, 64 * sms, 300), False),
+        ("prefill M <= 64", g.PREFILL_TILES_64, lambda sms: (40, 128, 256), True),
+        ("prefill 128-row tiles, ragged K", g.PREFILL_TILES_128, lambda sms: (200, 128, 1004), True),
+    ]
+    cases = [(label, dtype, tiles, shape, bias) for dtype in (torch.float16, torch.bfloat16)
+             for label, tiles, shape, bias in half]
+    cases += [("fp32 decode", torch.float32, g.FP32_DECODE_TILES, lambda sms: (3, 100, 260), True),
+              ("fp32 prefill", torch.float32, g.FP32_PREFILL_TILES, lambda sms: (70, 100, 260), False)]
+    return cases
+
+
+@pytest.mark.parametrize("label, dtype, tiles, shape, bias", _bitmap_gemm_cases(),
+                         ids=[f"{case[0]}-{str(case[1]).removeprefix('torch.')}" for case in _bitmap_gemm_cases()])
+def test_bitmap_linear(device, label, dtype, tiles, shape, bias):
+    from sparsekern.triton_kernels import bitmap_gemm
+
+    sms = bitmap_gemm._num_sms(device)
+    m, n, k = shape(sms)
+    config = bitmap_gemm._config(m, n, k, dtype, sms)
+    assert config[:5] == tiles, f"{label}: M={m} N={n} K={k} picked {config}, not {tiles}"
+    weight = _unstructured(n, k, 0.6, 21, dtype, device)
+    values, bitmap, offsets = (t.to(device) for t in reference.compress_bitmap(weight.cpu()))
+    x = randn(m, k, seed=22, dtype=dtype, device=device)
+    b = randn(n, seed=23, dtype=dtype, device=device) if bias else None
+    expected = x.float() @ weight.float().T + (0 if b is None else b.float())
+    got = bitmap_gemm.bitmap_linear(x, values, bitmap, offsets, b)
+    assert got.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    assert relative_error(got, expected) < tolerance, f"{label} (splits {config[5]})"

@@ -133,3 +133,24 @@ def test_sparse24_linear_matches_dense(dtype, m):
     got = sparse24_linear(x, values, meta, bias)
     relative = ((got.float() - expected).norm() / expected.norm()).item()
     assert got.dtype == dtype and relative < (5e-3 if dtype == torch.float16 else 2e-2), relative
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 128, 2048])
+def test_bitmap_linear_matches_dense(dtype, m):
+    from sparsekern.triton_kernels.bitmap import compress_bitmap, decompress_bitmap
+    from sparsekern.triton_kernels.bitmap_gemm import bitmap_linear
+
+    weight = cuda_randn(4096, 4000, seed=15, dtype=dtype)  # K = 4000: a ragged last 128-column tile
+    weight = weight.masked_fill(torch.rand(weight.shape, device="cuda", generator=torch.Generator(
+        "cuda").manual_seed(16)) < 0.6, 0)
+    values, bitmap, offsets = compress_bitmap(weight)
+    expected_values, expected_bitmap, expected_offsets = reference.compress_bitmap(weight)
+    assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))
+    assert torch.equal(bitmap, expected_bitmap) and torch.equal(offsets, expected_offsets)
+    assert torch.equal(decompress_bitmap(values, bitmap, offsets, 4000).view(torch.int16), weight.view(torch.int16))
+    x, bias = cuda_randn(m, 4000, seed=17, dtype=dtype), cuda_randn(4096, seed=18, dtype=dtype)
+    expected = (x.float() @ weight.float().T + bias.float())
+    got = bitmap_linear(x, values, bitmap, offsets, bias)
+    relative = ((got.float() - expected).norm() / expected.norm()).item()
+    assert got.dtype == dtype and relative < (5e-3 if dtype == torch.float16 else 2e-2), relative

@@ -14,7 +14,8 @@ def spd(n, seed=0):
 def test_ops_are_registered_under_one_namespace():
     for name in ["nm_mask", "wanda_prune", "magnitude_prune", "hessian_update", "sumsq_update", "hinv_cholesky",
                  "hinv_cholesky_", "cholesky_update", "cholesky_delete",
-                 "sparsegpt_sweep", "sparsegpt_prune", "compress_24", "decompress_24", "sparse24_linear"]:
+                 "sparsegpt_sweep", "sparsegpt_prune", "compress_24", "decompress_24", "sparse24_linear",
+                 "compress_bitmap", "decompress_bitmap", "bitmap_linear"]:
         assert hasattr(torch.ops.sparsekern, name)
 
 

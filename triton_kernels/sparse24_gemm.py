@@ -45,10 +45,10 @@ for an H100 (132 SMs, ~3.35 TB/s) from SASS of the compiled kernels (ptxas, sm_9
   ~490, about even. Split-K only when the tiles are fewer than the SMs.
 
 Split-K is deterministic: program (tile, s) writes its fp32 partial sum over its K range to a workspace
-[S, M, N]; ``_splitk_reduce_kernel`` adds the S partials in order, adds the bias and casts. fp32 atomics would
-also need a zeroed workspace and a final cast (as many launches) and make y depend on the order in which
-programs finish. The workspace is S * M * N * 4 bytes: 64 KiB for a decode step with N = K = 4096 (S = 4),
-against 18 MiB of weight read; it stays in L2.
+[S, M, N]; ``_gemm_common._splitk_reduce_kernel`` (shared with ``bitmap_gemm``) adds the S partials in order, adds
+the bias and casts. fp32 atomics would also need a zeroed workspace and a final cast (as many launches) and make y
+depend on the order in which programs finish. The workspace is S * M * N * 4 bytes: 64 KiB for a decode step with
+N = K = 4096 (S = 4), against 18 MiB of weight read; it stays in L2.
 
 Channel permutation (``sparsekern.permute``): a weight made 2:4 in permuted input order, W[:, perm], is stored
 compressed in that order, and y = x[..., perm] @ W[:, perm]^T. With ``perm`` the kernel loads each step's
@@ -60,7 +60,6 @@ is a few KiB; not yet measured for prefill tiles, where every program gathers it
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -68,6 +67,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
+from ._gemm_common import num_sms, split_count, splitk_reduce
 from ._outputs import new_output
 
 # The interpreter (TRITON_INTERPRET=1, triton 3.9 on CPU) computes bf16 tl.dot wrongly (fp16 is right); bf16
@@ -91,8 +91,6 @@ GROUP_M = 8
 # HBM latency x bandwidth asks for (~25 KiB per SM). Prefill tiles carry more work each: one per SM.
 DECODE_PROGRAMS_PER_SM = 2
 PREFILL_PROGRAMS_PER_SM = 1
-# A split keeps at least this many BLOCK_K iterations, so that its pipeline has something to overlap.
-MIN_ITERS_PER_SPLIT = 2
 # The interpreter has no SMs; this stands in for the count (tests raise it to force split-K on small shapes).
 INTERPRETER_SMS = 4
 
@@ -223,29 +221,8 @@ def _sparse24_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, total, N,
-                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """y[i] = sum_s ws[s, i] (s = 0, 1, ... in order) + bias[i % N], cast to y's dtype; i over the M * N outputs."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < total
-    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLITS):
-        acc += tl.load(ws_ptr + s * total + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return num_sms(device, INTERPRETER_SMS)  # read at call time: tests raise INTERPRETER_SMS to force split-K
 
 
 def _config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> tuple[int, int, int, int, int, int]:
@@ -264,15 +241,7 @@ def _config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> tuple[int, 
     block_m, block_n, block_k, warps, stages = tiles
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     wanted = (DECODE_PROGRAMS_PER_SM if decode else PREFILL_PROGRAMS_PER_SM) * sms
-    iters = triton.cdiv(k, block_k)
-    splits = 1
-    if programs < sms:
-        want = max(1, min(triton.cdiv(wanted, programs), iters // MIN_ITERS_PER_SPLIT))
-        # A count that divides the iterations gives every split the same trip count (no K masks when K is a
-        # multiple of BLOCK_K); failing one close enough, ceil(iters / splits) each and the last split's excess
-        # iterations masked off (none is left empty).
-        divisor = max(d for d in range(1, want + 1) if iters % d == 0)
-        splits = divisor if 2 * divisor >= want else triton.cdiv(iters, triton.cdiv(iters, want))
+    splits = split_count(programs, triton.cdiv(k, block_k), wanted, sms)
     return block_m, block_n, block_k, warps, stages, splits
 
 
@@ -335,9 +304,5 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            out, bias if has_bias else out, y, m * n, n,
-            SPLITS=splits, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
-        )
+        splitk_reduce(out, bias, y)
     return y.reshape(*lead, n)

@@ -1,6 +1,7 @@
 """Pure-PyTorch versions of every op: the test oracle and the CPU fallback. Masks are True where pruned."""
 
 from . import cholesky
+from .bitmap import bitmap_linear, compress_bitmap, decompress_bitmap
 from .cholesky import cholesky_delete, cholesky_update
 from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
 from .masks import nm_mask, prune_count, row_mask, tensor_mask, topk_mask
@@ -11,10 +12,13 @@ from .wanda import magnitude_prune, wanda_prune
 
 __all__ = [
     "NotPositiveDefiniteError",
+    "bitmap_linear",
     "cholesky_delete",
     "cholesky_update",
     "compress_24",
+    "compress_bitmap",
     "decompress_24",
+    "decompress_bitmap",
     "hessian_update",
     "hinv_cholesky",
     "magnitude_prune",

@@ -1,0 +1,70 @@
+"""What the compressed-weight GEMMs share (``sparse24_gemm``, ``bitmap_gemm``): the SM count, the split-K choice
+and the deterministic split-K reduction.
+
+Split-K is deterministic: program (tile, s) writes its fp32 partial sum over its K range to a workspace [S, M, N];
+``_splitk_reduce_kernel`` adds the S partials in order (s = 0, 1, ...), adds the bias and casts to y's dtype. fp32
+atomics would also need a zeroed workspace and a final cast (as many launches) and make y depend on the order in
+which programs finish.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# A split keeps at least this many BLOCK_K iterations, so that its pipeline has something to overlap.
+MIN_ITERS_PER_SPLIT = 2
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, total, N,
+                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[i] = sum_s ws[s, i] (s = 0, 1, ... in order) + bias[i % N], cast to y's dtype; i over the M * N outputs."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(ws_ptr + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device, interpreter_sms: int) -> int:
+    """The SMs of a CUDA device; ``interpreter_sms`` (the calling module's stand-in) for the interpreter's CPU."""
+    if device.type != "cuda":
+        return interpreter_sms
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_count(programs: int, iters: int, wanted: int, sms: int, min_iters: int = MIN_ITERS_PER_SPLIT) -> int:
+    """Splits of K for ``programs`` output tiles of ``iters`` BLOCK_K steps each, aiming at ``wanted`` programs in
+    all when the tiles alone leave SMs idle (programs < sms); 1 otherwise. A split keeps >= ``min_iters`` steps.
+
+    A count that divides the iterations gives every split the same trip count (no K masks when K is a multiple of
+    BLOCK_K); failing one close enough, ceil(iters / splits) each and the last split's excess iterations masked off
+    (none is left empty)."""
+    if programs >= sms:
+        return 1
+    want = max(1, min(triton.cdiv(wanted, programs), iters // min_iters))
+    divisor = max(d for d in range(1, want + 1) if iters % d == 0)
+    return divisor if 2 * divisor >= want else triton.cdiv(iters, triton.cdiv(iters, want))
+
+
+def splitk_reduce(workspace: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y [M, N] (contiguous) = sum over s of workspace [S, M, N] fp32 (contiguous), in order, + bias [N]."""
+    splits, m, n = workspace.shape
+    has_bias = bias is not None
+    _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+        workspace, bias if has_bias else workspace, y, m * n, n,
+        SPLITS=splits, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK, num_warps=4,
+    )
