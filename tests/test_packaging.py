@@ -59,8 +59,8 @@ def test_uninstalled_source_tree_maps_kernels():
 def test_wheel_contents(tmp_path):
     """Build a wheel from a copy of the packaging inputs (the tree stays clean) and check its layout."""
     src = tmp_path / "src"
-    for folder in ("sparsekern", "triton_kernels"):
-        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("sparsekern", "triton_kernels", "csrc"):  # csrc: the native extension's sources
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(src),
