@@ -34,6 +34,33 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, total, N,
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def dot_swap_ab(tile, x, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += tile [BLOCK_N, BLOCK_K] @ x[BLOCK_M, BLOCK_K]^T (weight first: "swap AB")."""
+    if DOT_FP32:
+        # Interpreter only: its bf16 tl.dot is wrong; fp32 operands give the same exact products.
+        acc = tl.dot(tile.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(tile, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def store_swapped_tile(acc, out_ptr, bias_ptr, split, rm, rn, m_ok, n_ok, stride_os, stride_om, stride_on,
+                       PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store acc [BLOCK_N, BLOCK_M] at out[split, rm, rn]: fp32 partial sums (PARTIAL, for the split-K reduction),
+    else + bias[n] and cast to out's dtype."""
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + rm.to(tl.int64)[None, :] * stride_om
+                + rn.to(tl.int64)[:, None] * stride_on)
+    if PARTIAL:
+        tl.store(out_ptrs, acc, mask=out_ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
-from ._gemm_common import num_sms, split_count, splitk_reduce
+from ._gemm_common import dot_swap_ab, num_sms, split_count, splitk_reduce, store_swapped_tile
 from ._outputs import new_output
 
 # The interpreter (TRITON_INTERPRET=1, triton 3.9 on CPU) computes bf16 tl.dot wrongly (fp16 is right); bf16
@@ -205,20 +205,10 @@ def _sparse24_gemm_kernel(
             tile = _expand_24_pairs(vals, meta, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
         else:
             tile = _expand_24(vals, meta, BLOCK_N, BLOCK_K)
-        if DOT_FP32:
-            # Interpreter only: its bf16 tl.dot is wrong; fp32 operands give the same exact products.
-            acc = tl.dot(tile.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tile, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+        acc = dot_swap_ab(tile, x, acc, DOT_FP32, INPUT_PRECISION)
 
-    out_ok = n_ok[:, None] & m_ok[None, :]
-    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + rm64[None, :] * stride_om + rn64[:, None] * stride_on
-    if PARTIAL:
-        tl.store(out_ptrs, acc, mask=out_ok)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    store_swapped_tile(acc, out_ptr, bias_ptr, split, rm, rn, m_ok, n_ok, stride_os, stride_om, stride_on,
+                       PARTIAL, HAS_BIAS)
 
 
 def _num_sms(device: torch.device) -> int:
