@@ -35,6 +35,18 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, total, N,
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M tiles of M per band of N, so that a band of
+    compressed weight stays in L2 while the band's tiles reuse it."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * num_pid_n
+    first_m = (pid // per_band) * GROUP_M
+    band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % per_band) % band_m, (pid % per_band) // band_m
+
+
+@triton.jit
 def dot_swap_ab(tile, x, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += tile [BLOCK_N, BLOCK_K] @ x[BLOCK_M, BLOCK_K]^T (weight first: "swap AB")."""
     if DOT_FP32:

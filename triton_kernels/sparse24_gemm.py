@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
-from ._gemm_common import dot_swap_ab, num_sms, split_count, splitk_reduce, store_swapped_tile
+from ._gemm_common import dot_swap_ab, grouped_tile, num_sms, split_count, splitk_reduce, store_swapped_tile
 from ._outputs import new_output
 
 # The interpreter (TRITON_INTERPRET=1, triton 3.9 on CPU) computes bf16 tl.dot wrongly (fp16 is right); bf16
@@ -160,13 +160,7 @@ def _sparse24_gemm_kernel(
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_band = GROUP_M * num_pid_n
-    first_m = (pid // per_band) * GROUP_M
-    band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_band) % band_m
-    pid_n = (pid % per_band) // band_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
