@@ -43,6 +43,7 @@ class SparseLinear(nn.Module):
         if permuted and not fmt.takes_perm:
             raise ValueError(f"the {format} format takes no input permutation (only 2:4 layers are channel-permuted)")
         self.in_features, self.out_features, self.format = in_features, out_features, fmt.name
+        self._format = fmt  # the Format itself: no lookup per forward
         for name, tensor in fmt.empty(out_features, in_features, dtype, device, shapes).items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -88,7 +89,7 @@ class SparseLinear(nn.Module):
     @property
     def compressed(self) -> dict[str, torch.Tensor]:
         """The format's tensors, by buffer name."""
-        return {name: getattr(self, name) for name in formats.get(self.format).buffers}
+        return {name: getattr(self, name) for name in self._format.buffers}
 
     @property
     def sparsity(self) -> float:
@@ -108,7 +109,7 @@ class SparseLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
                            dtype=dtype)
         with torch.no_grad():
-            weight = formats.get(self.format).decompress(self.compressed, self.in_features)
+            weight = self._format.decompress(self.compressed, self.in_features)
             if self.perm is not None:  # stored column j is input channel perm[j]
                 weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
             linear.weight.copy_(weight)
@@ -118,7 +119,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        fmt = formats.get(self.format)
+        fmt = self._format
         rules = dispatch.rules_for(x.device, self.format, self.values.dtype, self.out_features, self.in_features,
                                    self.sparsity)
         impl = dispatch.choose(rules, rows)
@@ -135,8 +136,8 @@ class SparseLinear(nn.Module):
         if self._semi_structured is None:
             from torch.sparse import to_sparse_semi_structured
 
-            self._semi_structured = to_sparse_semi_structured(formats.get("2:4").decompress(self.compressed,
-                                                                                            self.in_features))
+            self._semi_structured = to_sparse_semi_structured(self._format.decompress(self.compressed,
+                                                                                      self.in_features))
         return self._semi_structured
 
     def _apply(self, fn, recurse=True):
