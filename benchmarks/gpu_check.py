@@ -4,17 +4,18 @@ GPU test on compiled kernels, and a short version of every benchmark, each stage
     make gpu-check PYTHON=python3 OUT=$OUT      # on the GPU machine (no network: torch, triton, ... are there)
     make gpu-check DRY=1                        # the same stages on the CPU interpreter with tiny shapes (CI)
     python benchmarks/gpu_check.py import OUT   # back here: the rows into benchmarks/results/*.csv, and the
-                                                # 2:4 dispatch table measured by the run into sparsekern/nn
+                                                # dispatch table measured by the run into the user's cache
 
 Stages, in order (budget in seconds; a stage may also use what the stages before it left unused, never past the
 total): setup (pip install without dependencies, then the versions and the native build's devices), tests
 (``pytest -m "gpu or configs"``: every GPU test, and every kernel configuration the launchers can pick, compiled
 and run against the reference), prune-ops (bench_prune --quick at LLaMA-7B shapes), prune-model (SparseGPT on 2
 decoder layers of a LLaMA-7B-shaped model; the whole model's time extrapolated and labelled so), gemm (the 2:4 layer
-at M = 1, 16, 2048 at 7B shapes vs dense cuBLAS and cuSPARSELt; the dispatch table from those rows), cholesky
-(hinv_cholesky vs the three-call sequence at n = 4096 and 28672) and decode (2:4 7B-shaped model vs dense, batch 1:
-eagerly over all 32 layers, then with the decode step in CUDA graphs over 8 layers). A stage that overruns is cut
-(its process group killed) and reported; the rest still run.
+at M = 1, 16, 2048 at 7B shapes vs dense cuBLAS and cuSPARSELt, then the bitmap layer at 50% and 70% unstructured
+sparsity at the same M and shapes vs dense cuBLAS; the dispatch table from those rows), cholesky (hinv_cholesky vs
+the three-call sequence at n = 4096 and 28672) and decode (batch 1: the 2:4 7B-shaped model vs dense eagerly over
+all 32 layers, then the 2:4 and the 70% unstructured (bitmap) models vs dense with the decode step in CUDA graphs
+over 8 layers). A stage that overruns is cut (its process group killed) and reported; the rest still run.
 
 OUT (default: a new temporary folder) receives at most 8 files: ``summary.md`` (stages, every target of the README's
 performance table beside its measured figure or "not reached in time", the figures, failed tests, the dispatch
@@ -80,36 +81,43 @@ COMPILED = {"TRITON_INTERPRET": "0", "SPARSEKERN_BACKEND": "cuda"}
 INTERPRETED = {"TRITON_INTERPRET": "1", "SPARSEKERN_BACKEND": "interpret"}
 
 STAGES = [
-    Stage("setup", "setup", 110, [
+    Stage("setup", "setup", 100, [
         Step([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], None),
         Step([sys.executable, __file__, "info"], [sys.executable, __file__, "info"]),
     ]),
-    Stage("tests", "tests", 110, [Step(GPU_TESTS, DRY_TESTS, COMPILED)]),
-    Stage("prune-ops", "prune", 50, [Step(
+    Stage("tests", "tests", 100, [Step(GPU_TESTS, DRY_TESTS, COMPILED)]),
+    Stage("prune-ops", "prune", 45, [Step(
         _bench("bench_prune.py", "--shapes", "7b", "--quick", "--repeat", "3"),
         _bench("bench_prune.py", "--shapes", "tiny", "--device", "cpu", "--quick", "--repeat", "1"))]),
-    Stage("prune-model", "prune", 50, [Step(
+    Stage("prune-model", "prune", 45, [Step(
         _bench("bench_prune_model.py", "--config", "7b", "--layers", "2"),
         _bench("bench_prune_model.py", "--config", "tiny", "--layers", "1", "--nsamples", "2", "--seqlen", "16",
                "--device", "cpu"))]),
-    Stage("gemm", "gemm", 35, [Step(
-        _bench("bench_gemm.py", "--shapes", "7b", "--m", "1,16,2048", "--dtypes", "float16", "--impls",
-               "dense,cusparselt,cutlass,triton,dense_decompress,dispatched"),
-        _bench("bench_gemm.py", "--shapes", "tiny", "--device", "cpu", "--m", "1,16,2048", "--dtypes", "float32",
-               "--impls", "dense,triton,dense_decompress,dispatched", "--repeat", "2"))]),
-    Stage("cholesky", "cholesky", 35, [Step(
+    Stage("gemm", "gemm", 65, [
+        Step(_bench("bench_gemm.py", "--formats", "2:4", "--shapes", "7b", "--m", "1,16,2048", "--dtypes", "float16",
+                    "--impls", "dense,cusparselt,cutlass,triton,dense_decompress,dispatched"),
+             _bench("bench_gemm.py", "--formats", "2:4", "--shapes", "tiny", "--device", "cpu", "--m", "1,16,2048",
+                    "--dtypes", "float32", "--impls", "dense,triton,dense_decompress,dispatched", "--repeat", "2")),
+        Step(_bench("bench_gemm.py", "--formats", "bitmap", "--sparsities", "0.5,0.7", "--shapes", "7b", "--m",
+                    "1,16,2048", "--dtypes", "float16", "--impls", "dense,triton,dense_decompress,dispatched"),
+             # M = 2048 in the interpreter takes most of the stage's budget and tells nothing more
+             _bench("bench_gemm.py", "--formats", "bitmap", "--sparsities", "0.5,0.7", "--shapes", "tiny", "--device",
+                    "cpu", "--m", "1,16", "--dtypes", "float32", "--impls",
+                    "dense,triton,dense_decompress,dispatched", "--repeat", "2")),
+    ]),
+    Stage("cholesky", "cholesky", 30, [Step(
         _bench("bench_cholesky.py", "--device", "cuda", "--sizes", "4096,28672", "--ops", "hinv", "--repeat", "3"),
         _bench("bench_cholesky.py", "--device", "cpu", "--quick", "--ops", "hinv", "--repeat", "2"))]),
-    Stage("decode", "decode", 80, [
-        Step(_bench("bench_e2e.py", "--config", "7b", "--batches", "1", "--prompt", "32", "--new-tokens", "32",
-                    "--repeat", "3", "--no-compile"),
-             _bench("bench_e2e.py", "--config", "tiny", "--device", "cpu", "--batches", "1", "--prompt", "5",
-                    "--new-tokens", "3", "--repeat", "1", "--dtype", "float32", "--no-compile")),
-        Step(_bench("bench_e2e.py", "--config", "7b", "--layers", "8", "--batches", "1", "--prompt", "32",
-                    "--new-tokens", "64", "--repeat", "3", "--compile-backend", "cudagraphs"),
-             _bench("bench_e2e.py", "--config", "tiny", "--layers", "1", "--device", "cpu", "--batches", "1",
-                    "--prompt", "5", "--new-tokens", "3", "--repeat", "1", "--dtype", "float32",
-                    "--compile-backend", "cudagraphs")),
+    Stage("decode", "decode", 85, [
+        Step(_bench("bench_e2e.py", "--config", "7b", "--patterns", "dense,2:4", "--batches", "1", "--prompt", "32",
+                    "--new-tokens", "32", "--repeat", "3", "--no-compile"),
+             _bench("bench_e2e.py", "--config", "tiny", "--patterns", "dense,2:4", "--device", "cpu", "--batches", "1",
+                    "--prompt", "5", "--new-tokens", "3", "--repeat", "1", "--dtype", "float32", "--no-compile")),
+        Step(_bench("bench_e2e.py", "--config", "7b", "--layers", "8", "--patterns", "dense,2:4,0.7", "--batches", "1",
+                    "--prompt", "32", "--new-tokens", "64", "--repeat", "3", "--compile-backend", "cudagraphs"),
+             _bench("bench_e2e.py", "--config", "tiny", "--layers", "1", "--patterns", "dense,2:4,0.7", "--device",
+                    "cpu", "--batches", "1", "--prompt", "5", "--new-tokens", "3", "--repeat", "1", "--dtype",
+                    "float32", "--compile-backend", "cudagraphs")),
     ]),
 ]
 
@@ -290,17 +298,26 @@ def _model(rows, _info):
     return result
 
 
-def _gemm(impl, m_range):
+def _format(row: dict) -> str:
+    return row.get("format") or "2:4"  # rows from before the bitmap format are 2:4's
+
+
+def _sparsity(row: dict) -> float | None:
+    value = _float(row, "sparsity")
+    return None if value is None else round(value, 2)
+
+
+def _gemm(impl, m_range, goal, fmt="2:4", sparsity=None):
     def measure(rows, _info):
-        return _speedups([r for r in rows.get("gemm", []) if r["impl"] == impl and m_range(int(r["m"]))],
-                         1.5 if impl == "triton" else 1.0)
+        return _speedups([r for r in rows.get("gemm", []) if r["impl"] == impl and m_range(int(r["m"]))
+                          and _format(r) == fmt and (sparsity is None or _sparsity(r) == sparsity)], goal)
     return measure
 
 
 def _gemm_vs_cusparselt(rows, _info):
     by_case = {}
     for r in rows.get("gemm", []):
-        if int(r["m"]) <= 16:
+        if int(r["m"]) <= 16 and _format(r) == "2:4":
             by_case.setdefault((r["n"], r["k"], r["m"], r["dtype"]), {})[r["impl"]] = float(r["median_ms"])
     ratios = [c["cusparselt"] / c["triton"] for c in by_case.values() if "cusparselt" in c and "triton" in c]
     if not ratios:
@@ -308,15 +325,18 @@ def _gemm_vs_cusparselt(rows, _info):
     return _range(ratios), min(ratios) > 1.0
 
 
-def _decode(rows, _info):
-    sparse = [r for r in rows.get("e2e", []) if r["variant"] == "sparse" and r["batch"] == "1"]
-    if not sparse:
-        return None
-    compiled = [r for r in sparse if r["compiled"]]
-    chosen = compiled[-1] if compiled else sparse[-1]
-    labels = [f"{float(r['speedup']):.2f}× {'compiled (' + r['compiled'] + ')' if r['compiled'] else 'eager'}, "
-              f"{r['layers']} layers" for r in sparse]
-    return "; ".join(labels), float(chosen["speedup"]) >= 1.3
+def _decode(pattern, goal):
+    def measure(rows, _info):
+        sparse = [r for r in rows.get("e2e", []) if r["variant"] == "sparse" and r["batch"] == "1"
+                  and (r.get("pattern") or "2:4") == pattern]  # rows from before the patterns are 2:4's
+        if not sparse:
+            return None
+        compiled = [r for r in sparse if r["compiled"]]
+        chosen = compiled[-1] if compiled else sparse[-1]
+        labels = [f"{float(r['speedup']):.2f}× {'compiled (' + r['compiled'] + ')' if r['compiled'] else 'eager'}, "
+                  f"{r['layers']} layers" for r in sparse]
+        return "; ".join(labels), float(chosen["speedup"]) >= goal
+    return measure
 
 
 def _hinv(key, goal, lower_is_better):
@@ -338,11 +358,17 @@ TARGETS = [
     Target("Wanda at 7B shapes, time over its memory-bandwidth floor", "≤ 2×", "prune-ops", _wanda_floor),
     Target("SparseGPT on a 7B-shaped model, fused vs the reference pipeline", "≥ 5×", "prune-model", _model),
     Target("2:4 GEMM at M ≤ 16, 7B shapes, fp16, vs dense cuBLAS", "≥ 1.5×", "gemm",
-           _gemm("triton", lambda m: m <= 16)),
+           _gemm("triton", lambda m: m <= 16, 1.5)),
     Target("2:4 GEMM at M ≤ 16 vs cuSPARSELt", "> 1×", "gemm", _gemm_vs_cusparselt),
     Target("2:4 layer (dispatched) at M ≥ 2048 vs dense cuBLAS", "≥ 1×", "gemm",
-           _gemm("dispatched", lambda m: m >= 2048)),
-    Target("Decode tokens/s at batch 1, 2:4 7B-shaped model vs dense", "≥ 1.3×", "decode", _decode),
+           _gemm("dispatched", lambda m: m >= 2048, 1.0)),
+    Target("Bitmap GEMM at 50% unstructured, M = 1, 7B shapes, fp16, vs dense cuBLAS", "≥ 1.3×", "gemm",
+           _gemm("triton", lambda m: m == 1, 1.3, "bitmap", 0.5)),
+    Target("Bitmap GEMM at 70% unstructured, M = 1, 7B shapes, fp16, vs dense cuBLAS", "≥ 2.0×", "gemm",
+           _gemm("triton", lambda m: m == 1, 2.0, "bitmap", 0.7)),
+    Target("Decode tokens/s at batch 1, 2:4 7B-shaped model vs dense", "≥ 1.3×", "decode", _decode("2:4", 1.3)),
+    Target("Decode tokens/s at batch 1, 70% unstructured (bitmap) 7B-shaped model vs dense", "≥ 1.5×", "decode",
+           _decode("0.7", 1.5)),
     Target("hinv_cholesky vs the three-call sequence at n = 28672", "≥ 1.5×", "cholesky",
            _hinv("speedup", 1.5, False)),
     Target("hinv_cholesky peak extra memory at n = 28672", "≤ 1.5 n² fp32", "cholesky",
@@ -368,9 +394,9 @@ FIGURE_COLUMNS = {
     "prune": ["op", "rows", "cols", "pattern", "x_dtype", "precision", "impl", "median_ms", "baseline", "speedup",
               "floor_ms"],
     "prune_model": ["impl", "layers", "time_s", "per_layer_s", "extrapolated_model_s", "peak_gib", "speedup"],
-    "gemm": ["n", "k", "m", "dtype", "impl", "median_ms", "speedup"],
+    "gemm": ["format", "sparsity", "n", "k", "m", "dtype", "impl", "median_ms", "speedup"],
     "cholesky": ["op", "n", "impl", "median_ms", "speedup", "peak_extra_n2", "rel_err"],
-    "e2e": ["variant", "compiled", "layers", "batch", "decode_tokens_per_s", "prefill_ms", "speedup"],
+    "e2e": ["pattern", "format", "compiled", "layers", "batch", "decode_tokens_per_s", "prefill_ms", "speedup"],
 }
 
 
@@ -427,7 +453,7 @@ def summary(outcomes: list[StageResult], rows: dict[str, list[dict]], info: dict
         lines += ["", f"## {bench}", ""]
         lines += markdown_table(present, [[_cell(r.get(c, "")) for c in present] for r in rows[bench]])
     if dispatch:
-        lines += ["", "## 2:4 dispatch table from the gemm rows", "", "```json", "[",
+        lines += ["", "## Dispatch table from the gemm rows (2:4 and bitmap)", "", "```json", "[",
                   ",\n".join(json.dumps(entry) for entry in dispatch), "]", "```"]
     for o in outcomes:
         if o.tail:
@@ -524,7 +550,8 @@ def cmd_info(_args) -> int:
 
 
 def cmd_import(args) -> int:
-    """A GPU check's rows into benchmarks/results/<bench>.csv and its measured dispatch table into the package."""
+    """A GPU check's rows into benchmarks/results/<bench>.csv and its measured dispatch table into the user's
+    cache folder (``sparsekern.nn.dispatch.table_path()``)."""
     sys.path.insert(0, str(BENCH))
     from common import RESULTS, append_stamped
 
@@ -543,8 +570,7 @@ def cmd_import(args) -> int:
     if entries:
         from sparsekern.bench import write_table
 
-        write_table(entries)
-        print(f"wrote {len(entries)} dispatch entries to sparsekern/nn/dispatch_table.json")
+        print(f"wrote {len(entries)} dispatch entries to {write_table(entries)}")
     return 0
 
 
@@ -557,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all stages together")
     run.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(s.name for s in STAGES)}")
     sub.add_parser("info", help="(the setup stage's last step) print what the check runs on")
-    imp = sub.add_parser("import", help="a check's rows into benchmarks/results, its dispatch table into the package")
+    imp = sub.add_parser("import", help="a check's rows into benchmarks/results, its dispatch table into the "
+                                        "user's cache folder")
     imp.add_argument("out", help="the check's OUT folder (results.csv)")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "info": cmd_info, "import": cmd_import}[args.command](args)

@@ -7,9 +7,9 @@
 
 prune: one panel per op; bars per (shape, pattern) case, log-scaled milliseconds: reference median, fused
 median, and the floor as a marker. gemm: one panel per (device, dtype, N x K); speedup over dense cuBLAS against
-the batch size M, one line per implementation. cholesky: one panel per op; the op's speedup over its baseline
-(three-call, refactor) per case and device. The newest row of each case is used. Needs matplotlib (the
-``bench`` extra).
+the batch size M, one line per implementation and weight (2:4, or the bitmap at each sparsity). cholesky: one
+panel per op; the op's speedup over its baseline (three-call, refactor) per case and device. The newest row of
+each case is used. Needs matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -91,20 +91,28 @@ def plot(rows: list[dict], out: Path) -> Path:
     return save(fig, out)
 
 
+def _gemm_case(row: dict) -> str:
+    """The weight's format and sparsity as a label: "2:4" (also rows from before the formats), "bitmap 70%"."""
+    fmt = row.get("format") or "2:4"
+    return fmt if fmt == "2:4" else f"{fmt} {float(row['sparsity']):.0%}"
+
+
 def plot_gemm(csv_path: Path, device_filter: str | None, out: Path) -> Path:
     plt = pyplot()
     newest = newest_rows(csv_path, device_filter,
-                         key=lambda row: (row["device"], row["dtype"], row["n"], row["k"], row["m"], row["impl"]))
+                         key=lambda row: (row["device"], row["dtype"], row["n"], row["k"], row["m"], row["impl"],
+                                          _gemm_case(row)))
     panels = sorted({key[:4] for key in newest})
     if not panels:
         raise SystemExit("no gemm rows to plot")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
     for ax, panel in zip(axes[:, 0], panels):
-        impls = sorted({key[5] for key in newest if key[:4] == panel} - {"dense"})
-        for impl in impls:
+        lines = sorted({(key[6], key[5]) for key in newest if key[:4] == panel and key[5] != "dense"})
+        for case, impl in lines:
             points = sorted((int(key[4]), float(row["speedup"])) for key, row in newest.items()
-                            if key[:4] == panel and key[5] == impl)
-            ax.plot([m for m, _ in points], [v for _, v in points], marker="o", label=impl)
+                            if key[:4] == panel and (key[6], key[5]) == (case, impl))
+            ax.plot([m for m, _ in points], [v for _, v in points], marker="o", label=f"{impl} ({case})",
+                    linestyle="-" if case == "2:4" else "--")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (rows of x)")

@@ -1,8 +1,10 @@
-"""Benchmark plumbing and the Cholesky benchmark's full case list (the other scripts run end to end in the GPU
-check's dry run, tests/test_gpu_check.py)."""
+"""Benchmark plumbing, the Cholesky benchmark's full case list, and smoke runs of the format options (gemm's
+bitmap rows and dispatch table, e2e's patterns, the checkpoint benchmark) on tiny shapes (the other scripts run
+end to end in the GPU check's dry run, tests/test_gpu_check.py)."""
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -103,3 +105,78 @@ def test_bench_quality_grid_and_summary(tmp_path):
     uniform = next(line for line in table.splitlines() if "| uniform |" in line)
     assert "**38.90 ± 4.10 (2)**" in owl and "| 0.925 |" in owl  # mean of 36/40 and 41.8/44
     assert "42.00 ± 2.83 (2)" in uniform and "| 1.000 |" in uniform
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_prune_by_magnitude_per_row_and_nm():
+    from sparsekern.bench import prune_by_magnitude, random_unstructured
+
+    weight = random_unstructured(6, 40, 0.7, torch.float32, torch.device("cpu"))
+    assert ((weight == 0).sum(1) == 28).all()  # round(0.7 * 40) of every row
+    kept = weight.abs().masked_fill(weight == 0, float("inf")).amin(1)
+    dropped = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).abs().masked_fill(weight != 0, 0).amax(1)
+    assert (dropped <= kept).all()  # the smallest magnitudes went
+    decoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(16, 8)])})
+    model = torch.nn.ModuleDict({"model": decoder, "head": torch.nn.Linear(16, 8)})
+    assert prune_by_magnitude(model, "2:4") == 1
+    groups = (decoder["layers"][0].weight.reshape(8, 4, 4) != 0).sum(-1)
+    assert (groups == 2).all() and (model["head"].weight != 0).all()  # only the decoder linears (".layers.")
+
+
+def test_bench_gemm_bitmap_rows_and_the_dispatch_table_in_the_cache(results, interpret, tmp_path, monkeypatch, capsys):
+    from sparsekern.nn import dispatch
+
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path / "cache"))
+    bench = load("bench_gemm")
+    assert bench.main(["--shapes", "tiny", "--device", "cpu", "--m", "1,17", "--dtypes", "float32", "--sparsities",
+                       "0.5,0.7", "--repeat", "1", "--write-table"]) == 0
+    rows = read(results / "gemm.csv")
+    cases = {(r["format"], float(r["sparsity"])) for r in rows}
+    assert cases == {("2:4", 0.5), ("bitmap", 0.5), ("bitmap", 0.7)}
+    for fmt, sparsity in cases:
+        impls = {r["impl"] for r in rows if (r["format"], float(r["sparsity"])) == (fmt, sparsity)}
+        assert impls == {"dense", "triton", "dense_decompress", "dispatched"}, (fmt, impls)
+    assert all(float(r["speedup"]) > 0 and r["baseline"] == "dense" for r in rows)
+    table = tmp_path / "cache" / "dispatch_table.json"
+    assert f"to {table}" in capsys.readouterr().out
+    entries = json.loads(table.read_text())["entries"]
+    assert sorted((e["format"], e["sparsity"]) for e in entries) == [("2:4", None), ("bitmap", 0.5), ("bitmap", 0.7)]
+    dispatch.clear_caches()
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "tiny", "--device", "cpu", "--formats", "csr", "--no-save"])
+
+
+def test_bench_e2e_patterns_rows(results):
+    bench = load("bench_e2e")
+    assert bench.main(["--config", "tiny", "--device", "cpu", "--no-compile", "--patterns", "2:4,0.5,0.7",
+                       "--batches", "1", "--prompt", "4", "--new-tokens", "2", "--repeat", "1",
+                       "--dtype", "float32"]) == 0
+    rows = read(results / "e2e.csv")
+    assert [(r["pattern"], r["variant"], r["format"]) for r in rows] == [
+        ("dense", "dense", "dense"), ("2:4", "sparse", "2:4"), ("0.5", "sparse", "bitmap"),
+        ("0.7", "sparse", "bitmap")]  # dense always comes first: the baseline
+    assert float(rows[0]["speedup"]) == 1.0 and all(r["baseline"] == "dense" for r in rows)
+    sizes = [float(r["weights_gib"]) for r in rows]
+    assert sizes[3] < sizes[2] < sizes[0] and sizes[1] < sizes[0]
+
+
+def test_bench_checkpoint_sizes_and_load_times(results):
+    bench = load("bench_checkpoint")
+    assert bench.main(["--models", "tiny", "--patterns", "0.5,0.7,2:4", "--repeat", "1"]) == 0
+    rows = {r["pattern"]: r for r in read(results / "checkpoint.csv")}
+    assert list(rows) == ["0.5", "0.7", "2:4"]
+    assert [rows[p]["formats"] for p in rows] == ["bitmap:14", "bitmap:14", "2:4:14"]
+    ratio = {p: float(r["pruned_ratio"]) for p, r in rows.items()}
+    # fp16 bitmap: 2(1 - s) + 5/32 bytes a weight, padded to whole 128-column tiles (the tiny model is 64 wide)
+    assert 0.55 < ratio["0.5"] < 0.6 and 0.35 < ratio["0.7"] < 0.4 and ratio["2:4"] == pytest.approx(0.5625)
+    for row in rows.values():
+        assert int(row["stored_linear_bytes"]) < int(row["dense_linear_bytes"])
+        assert float(row["ratio"]) > float(row["pruned_ratio"])  # the dense lm_head counts on both sides
+        assert int(row["compressed_file_bytes"]) < int(row["dense_file_bytes"])
+        assert float(row["dense_load_ms"]) > 0 and float(row["compressed_load_ms"]) > 0 and float(row["speedup"]) > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "tiny", "--patterns", "1.5", "--no-save"])
