@@ -16,8 +16,8 @@ unstructured, 2:4 for 2:4 weights). The dense model (the same weights, unpruned)
 ``save_pretrained``: pruning does not change its size.
 
 Rows (results/checkpoint.csv): the checkpoint's linear bytes as ``save_compressed`` reports them
-(``dense_linear_bytes``, ``stored_linear_bytes``, ``ratio``; every ``nn.Linear``, so a dense lm_head tied to the
-embeddings counts on both sides) and over the compressed linears only (``pruned_dense_bytes``,
+(``dense_linear_bytes``, ``stored_linear_bytes``, ``ratio``; every ``nn.Linear`` but one tied to the embeddings,
+so a dense untied lm_head counts on both sides) and over the compressed linears only (``pruned_dense_bytes``,
 ``pruned_stored_bytes``, ``pruned_ratio``: what the format saves on the layers it stores), the weight files
 (``dense_file_bytes``, ``compressed_file_bytes``, ``file_ratio``), and load times to ``--device``, medians of
 ``--repeat`` after a warm-up (so the files are in the page cache): ``compressed_load_ms`` (``sparsekern.load`` of

@@ -203,3 +203,10 @@ def test_loaded_model_runs_the_kernels(tmp_path, char_tokenizer, interpret):
     checkpoint.save_compressed(model, char_tokenizer, tmp_path / "c")
     loaded, _ = sparsekern.load(tmp_path / "c")
     assert_close(logits(loaded), expected, "logits on the kernels", atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_without_a_tokenizer_loads_with_none(tmp_path):
+    model = pruned_tiny_llama()
+    checkpoint.save_compressed(model, None, tmp_path / "c")
+    loaded, tokenizer = sparsekern.load(tmp_path / "c")
+    assert tokenizer is None and sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14

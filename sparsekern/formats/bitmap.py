@@ -47,10 +47,14 @@ def _nbytes(weight: torch.Tensor) -> int:
 
 
 def _popcount(bitmap: torch.Tensor) -> torch.Tensor:
-    """Set bits per int32 word, as int64."""
-    words = bitmap.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(WORD, device=bitmap.device)
-    return ((words.unsqueeze(-1) >> shifts) & 1).sum(-1)
+    """Set bits per int32 word [N, W], as int64, by the SWAR bit count in int32 arithmetic (wrapping products;
+    every mask clears the bits an arithmetic shift drags in): a 7B layer's bitmap in tens of ms on a CPU, where
+    expanding every bit took seconds."""
+    x = bitmap.contiguous()
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(torch.int64) & 0xFF
 
 
 def _validate(buffers: dict[str, torch.Tensor], in_features: int, what: str) -> None:

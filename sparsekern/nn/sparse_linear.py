@@ -171,7 +171,7 @@ def is_24(weight: torch.Tensor) -> bool:
     return formats.get("2:4").nbytes(weight) is not None
 
 
-def _tied(model: nn.Module) -> set[str]:
+def tied_linears(model: nn.Module) -> set[str]:
     """Names of the linears whose weight another module shares (e.g. lm_head tied to the embeddings): they stay
     dense, since compressing one would untie it."""
     owners: dict[int, list[str]] = {}
@@ -202,7 +202,7 @@ def sparsify(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | Non
     unknown = sorted(name for name in perms if type(modules.get(name)) is not nn.Linear)
     if unknown:
         raise ValueError(f"perms names modules that are not nn.Linear layers of the model: {unknown}")
-    tied = _tied(model)
+    tied = tied_linears(model)
     picked = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or name in tied:
