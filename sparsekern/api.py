@@ -83,6 +83,7 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     resume_dir: str | None = None,
+    layer_io=None,
     **options,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
@@ -114,12 +115,15 @@ def prune(
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
     resume_dir: a folder recording each finished layer; rerunning with the same model, settings and calibration
         resumes there (``time_s`` then includes the earlier runs).
+    layer_io: internal: where the decoder layers come from and go (``sparsekern.pipeline.InMemoryLayers`` by
+        default; ``sparsekern.streaming.prune_checkpoint`` passes its streamed layers).
     """
     start = time.perf_counter()
     pattern, algorithm = check_arguments(
         method=method, sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
         batch_size=batch_size, true_sequential=true_sequential, progress=progress, update=update, refine=refine,
         allocation=allocation, permute=permute, **options)
+    check_streamable(algorithm, layer_io)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None
@@ -131,7 +135,7 @@ def prune(
     linears, earlier_s = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
         true_sequential=true_sequential, overrides={**allocated, **(overrides or {})}, progress=progress,
-        resume_dir=resume_dir,
+        resume_dir=resume_dir, layer_io=layer_io,
     )
     options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
     # time_s counts the interrupted runs this one resumed, too
@@ -172,6 +176,16 @@ def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int,
             raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
         check_source(calib)
     return pattern, algorithm
+
+
+def check_streamable(algorithm, layer_io) -> None:
+    """Streaming reads each decoder layer once, in order: an allocation that needs dense passes over every layer
+    first (owl, sensitivity) is refused (a JSON file allocation needs none)."""
+    step = getattr(algorithm, "allocation", None)
+    if getattr(layer_io, "streamed", False) and step is not None and not isinstance(step, str):
+        raise ValueError(f"--allocation {step.name} needs dense statistics passes over every layer before pruning, "
+                         "which the streamed path (one layer in memory at a time) does not run: add --no-stream "
+                         "(the whole model is loaded in memory), or use --allocation uniform or a JSON file")
 
 
 def _check_types(**arguments) -> None:

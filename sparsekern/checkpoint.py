@@ -21,7 +21,6 @@ before the model is returned: a damaged or foreign checkpoint is refused with th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -32,7 +31,8 @@ from torch import nn
 
 from . import formats
 from .models import load_model, resolve_model, write_atomically, write_extras
-from .nn.sparse_linear import SparseLinear, _set_submodule, sparsify
+from .models import parameters_on_meta as _parameters_on_meta
+from .nn.sparse_linear import SparseLinear, _set_submodule, sparsify, tied_linears
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsekern.json"
@@ -47,15 +47,17 @@ def is_compressed(folder: str | os.PathLike) -> bool:
 
 def linear_bytes(model: nn.Module) -> dict:
     """Bytes of the model's linears as stored (dense or compressed) and as they would be dense, and the number of
-    compressed linears per format."""
+    compressed linears per format. A linear whose weight is tied to another module (an lm_head sharing the
+    embedding matrix) is stored as that module, not as a linear, and is not counted."""
     dense = stored = 0
     per_format: dict[str, int] = {}
-    for module in model.modules():
+    tied = tied_linears(model)
+    for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             dense += module.in_features * module.out_features * module.values.element_size()
             stored += module.weight_nbytes()
             per_format[module.format] = per_format.get(module.format, 0) + 1
-        elif type(module) is nn.Linear:
+        elif type(module) is nn.Linear and name not in tied:
             size = module.weight.numel() * module.weight.element_size()
             dense, stored = dense + size, stored + size
     return {"dense_linear_bytes": dense, "stored_linear_bytes": stored,
@@ -153,24 +155,6 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Parameters registered inside go to the meta device (no memory, no initialization cost); buffers stay real,
-    so non-persistent ones computed in __init__ (rotary inv_freq, Gemma's embed scale) keep their values."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -212,9 +196,6 @@ def load(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: st
     built.load_state_dict(tensors, strict=False, assign=True)
     for alias, source in manifest["tied"].items():
         _tie(built, alias, source)
-    for name, spec in manifest["layers"].items():
-        layer = built.get_submodule(name)
-        formats.get(spec["format"]).validate(layer.compressed, layer.in_features, f"{folder / WEIGHTS}: {name}")
     left = [name for name, tensor in [*built.named_parameters(), *built.named_buffers()] if tensor.is_meta]
     if left:
         raise ValueError(f"{folder / WEIGHTS} holds no tensor for {left[:5]}{' ...' if len(left) > 5 else ''}: "
@@ -225,7 +206,11 @@ def load(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: st
     if torch_dtype != "auto":
         built.to(torch_dtype)
     built.to(device).eval()
-    return built, AutoTokenizer.from_pretrained(folder)
+    for name, spec in manifest["layers"].items():  # on the target device: milliseconds on a GPU
+        layer = built.get_submodule(name)
+        formats.get(spec["format"]).validate(layer.compressed, layer.in_features, f"{folder / WEIGHTS}: {name}")
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return built, AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
 
 
 def _swap_in_empty_layer(model: nn.Module, name: str, spec: dict, dtype: torch.dtype, folder: Path,

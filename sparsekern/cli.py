@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="discard the progress an interrupted run left in OUT.partial instead of resuming")
     prune.add_argument("--no-resume", action="store_true",
                        help="record no progress (no OUT.partial): nothing to resume from if the run dies")
+    prune.add_argument("--no-stream", action="store_true",
+                       help="load the whole model in memory; by default a safetensors checkpoint is streamed: one "
+                            "decoder layer in memory at a time, written out once pruned (--save-format compressed "
+                            "always loads the whole model; --allocation owl and sensitivity need this flag)")
     _add_model_args(prune)
 
     evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text, or zero-shot "
@@ -159,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", default="7b", help="comma-separated LLaMA shape sets: 7b, 13b, 70b (default 7b)")
     bench.add_argument("--m", default=None, help="comma-separated batch sizes (default 1,2,4,...,8192)")
     bench.add_argument("--dtypes", default="float16", help="comma-separated: float16, bfloat16")
+    bench.add_argument("--formats", default="2:4,bitmap", help="comma-separated: 2:4, bitmap (default both)")
+    bench.add_argument("--sparsities", default="0.5,0.6,0.7,0.8",
+                       help="comma-separated sparsities of the bitmap layers timed (default 0.5,0.6,0.7,0.8)")
     bench.add_argument("--write-table", action="store_true",
                        help="store the measured crossovers in this user's dispatch table (in the cache folder, "
                             "$SPARSEKERN_CACHE or ~/.cache/sparsekern), which SparseLinear reads")
@@ -214,34 +221,43 @@ def cmd_prune(args) -> dict:
 def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.device) -> dict:
     from .api import prune
     from .models import load_model, partial_dir, save_checkpoint
+    from .streaming import is_streamable, prune_checkpoint
 
     # Each finished layer is recorded here, so an interrupted run resumes; removed once the checkpoint is saved.
     partial = partial_dir(out)
     if args.restart:
         shutil.rmtree(partial, ignore_errors=True)
-    model, tokenizer = load_model(source, dtype=args.dtype)  # stays on the CPU: layers visit the device
-    report = prune(
-        model, tokenizer, method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, bos=args.bos, update=args.update, refine=args.refine,
-        allocation=args.allocation, permute=args.permute, device=device, true_sequential=args.true_sequential, overrides=overrides,
-        batch_size=args.batch_size, progress=not args.quiet, resume_dir=None if args.no_resume else str(partial),
-        **_step_options(args),
-    )
-    record = {"model": str(args.model), **report.to_dict()}
+    options = dict(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
+                   seqlen=args.seqlen, seed=args.seed, bos=args.bos, update=args.update, refine=args.refine,
+                   allocation=args.allocation, permute=args.permute, device=device,
+                   true_sequential=args.true_sequential, overrides=overrides, batch_size=args.batch_size,
+                   progress=not args.quiet, **_step_options(args))
+    resume_dir = None if args.no_resume else str(partial)
+    # --save-format compressed goes through the in-memory path for now: save_compressed takes the whole model.
+    # (--allocation owl/sensitivity, which need dense passes over every layer first, are refused when streamed,
+    # with a message that says --no-stream: api.check_streamable.)
+    stream = not args.no_stream and args.save_format == "dense" and is_streamable(source)
     sizes = None
-    if args.save_format == "compressed":
-        from .checkpoint import save_compressed
-
-        sizes = save_compressed(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
-                                perms=report.permutations)
+    if stream:  # one decoder layer in memory at a time, written out as the output's shards
+        report = prune_checkpoint(source, out, dtype=args.dtype, overwrite=args.overwrite, resume_dir=resume_dir,
+                                  record={"model": str(args.model)}, **options)
     else:
-        save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
-                        extra_tensors={"permutations.safetensors": report.permutations} if report.permutations
-                        else None)
+        model, tokenizer = load_model(source, dtype=args.dtype)  # stays on the CPU: layers visit the device
+        report = prune(model, tokenizer, resume_dir=resume_dir, **options)
+        record = {"model": str(args.model), **report.to_dict()}
+        if args.save_format == "compressed":
+            from .checkpoint import save_compressed
+
+            sizes = save_compressed(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
+                                    perms=report.permutations)
+        else:
+            save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
+                            extra_tensors={"permutations.safetensors": report.permutations} if report.permutations
+                            else None)
     shutil.rmtree(partial, ignore_errors=True)
     result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
               "time_s": report.time_s, "out": str(out), "linears": len(report.linears),
-              "save_format": args.save_format, **({"sizes": sizes} if sizes else {})}
+              "save_format": args.save_format, "streamed": stream, **({"sizes": sizes} if sizes else {})}
     if not args.json:
         _print_prune_table(report)
         print(f"\n{report.method} {report.pattern}: {report.sparsity:.2%} zeros over {len(report.linears)} linears "
@@ -375,14 +391,22 @@ def cmd_bench(args) -> dict:
         shapes = [shape for name in args.shapes.split(",") for shape in bench.SHAPES[name]]
         m_values = [int(m) for m in args.m.split(",")] if args.m else bench.M_VALUES
         dtypes = [getattr(torch, {"float16": "float16", "bfloat16": "bfloat16"}[d]) for d in args.dtypes.split(",")]
+        formats = tuple({"2:4": "2:4", "bitmap": "bitmap"}[f] for f in args.formats.split(","))
+        sparsities = tuple(float(s) for s in args.sparsities.split(","))
+        if not all(0 < s < 1 for s in sparsities):
+            raise ValueError(f"sparsities must lie in (0, 1), got {args.sparsities}")
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"bad --shapes/--m/--dtypes value: {exc}") from None
+        raise ValueError(f"bad --shapes/--m/--dtypes/--formats/--sparsities value: {exc}") from None
     rows = bench.run_gemm(shapes, m_values, dtypes, torch.device("cuda"),
-                          progress=(lambda line: None) if args.json else print)
+                          progress=(lambda line: None) if args.json else print, formats=formats,
+                          sparsities=sparsities)
     entries = bench.crossover_rules(rows)
+    result = {"rows": rows, "dispatch": entries}
     if args.write_table:
-        bench.write_table(entries)
-    return {"rows": rows, "dispatch": entries}
+        result["table"] = str(bench.write_table(entries))
+        if not args.json:
+            print(f"wrote {len(entries)} dispatch entries to {result['table']}")
+    return result
 
 
 @contextlib.contextmanager

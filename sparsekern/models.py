@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "check_destination",
     "partial_dir",
     "OutputLock",
+    "parameters_on_meta",
     "save_checkpoint",
     "write_atomically",
     "write_extras",
@@ -245,6 +247,26 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters registered inside go to the meta device (no memory, no initialization cost); buffers stay real,
+    so non-persistent ones computed in __init__ (rotary inv_freq, Gemma's embed scale) keep their values."""
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:

@@ -310,7 +310,8 @@ def _plan(
         # a NaN weight poisons the layer's activations, so the first error would otherwise come from the
         # statistics of a linear downstream of it (blaming its inputs and the dtype, not the damaged
         # weight), and layers before it would already have been pruned in place.
-        _check_weight(weight_matrix(linear), full_name)
+        if not weight_matrix(linear).is_meta:  # streamed layers are checked when they are read
+            _check_weight(weight_matrix(linear), full_name)
         plan[index][name] = (linear, chosen)
     if not any(plan):
         raise ValueError("nothing to prune: every linear layer was excluded by the overrides")
@@ -339,6 +340,35 @@ def _prune_linear(method: Method, linear: nn.Module, prepared: Any, pattern: Spa
                         time.perf_counter() - start, None if perm is None else perm.tolist())
 
 
+class InMemoryLayers:
+    """Where the layer loop of :func:`prune_layers` gets each decoder layer and what it records after it: the layers
+    of a model held in memory (the default). ``sparsekern.streaming.StreamedLayers`` is the other kind: layers
+    read from a checkpoint one at a time and written out after pruning."""
+
+    streamed = False  # True: layers are loaded and released one at a time, and recorded whole
+
+    def fingerprint(self, model: nn.Module, calibration: torch.Tensor, settings: dict) -> str:
+        return fingerprint(model, calibration, settings)
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Make the layer's parameters real before it is pruned (in memory: they are)."""
+
+    def record(self, index: int, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]]
+               ) -> dict[str, torch.Tensor]:
+        """The tensors the resume state records for a finished layer: its pruned linears' weights."""
+        return {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
+
+    def restore(self, weights: list[dict[str, torch.Tensor]],
+                plan: list[dict[str, tuple[nn.Module, SparsityPattern]]]) -> None:
+        """Resuming: put the completed layers' recorded weights back into the model."""
+        for layer_weights, targets in zip(weights, plan):
+            for name, weight in layer_weights.items():
+                weight_matrix(targets[name][0]).data.copy_(weight)
+
+    def release(self, index: int, layer: nn.Module, recorded: bool) -> None:
+        """The layer is finished (and recorded, when there is a resume state): in memory, it stays."""
+
+
 def prune_layers(
     model: nn.Module,
     method: Method,
@@ -351,6 +381,7 @@ def prune_layers(
     overrides: Mapping[str, PatternSpec | None] | None = None,
     progress: bool = True,
     resume_dir: str | None = None,
+    layer_io: InMemoryLayers | None = None,
 ) -> tuple[list[LinearReport], float]:
     """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns the per-linear reports
     and the seconds earlier runs spent on the layers this one resumed from (0.0 without resuming).
@@ -359,45 +390,46 @@ def prune_layers(
     device: where each layer is pruned; the model's parameters stay where they are between layers.
     resume_dir: where each finished layer is recorded (see ``sparsekern.resume``); a run with the same model,
         settings and calibration continues from the first unfinished layer.
+    layer_io: where layers come from and go (default: the model in memory; ``sparsekern.streaming`` streams them
+        from a checkpoint, the model's decoder layers then being on the meta device between visits).
     """
     start = time.perf_counter()
+    io = layer_io if layer_io is not None else InMemoryLayers()
     layers_name, layers = find_decoder_layers(model)
     plan = _plan(layers_name, layers, method, pattern, overrides)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     reports: list[LinearReport] = []
-    bar = tqdm(total=len(layers), desc=f"{method.name} {pattern}", unit="layer", disable=not progress)
-
-    if method.stats is None:
-        with torch.no_grad():
-            for index, (layer, targets) in enumerate(zip(layers, plan)):
-                with _on_device(layer, device):
-                    for name, (linear, chosen) in targets.items():
-                        reports.append(_prune_linear(method, linear, None, chosen, f"{layers_name}.{index}.{name}"))
-                bar.update()
-        bar.close()
-        return reports, 0.0
-
-    if calibration is None or calibration.numel() == 0:
+    data_free = method.stats is None
+    if not data_free and (calibration is None or calibration.numel() == 0):
         raise ValueError(f"method {method.name!r} needs calibration data")
-    batches = list(calibration.split(batch_size))
+    # Data-free methods record progress only when streamed (there the records are the output's layers).
     state, completed, earlier_s = None, 0, 0.0
-    if resume_dir is not None:
+    if resume_dir is not None and (not data_free or io.streamed):
         settings = {"method": method.name, "options": method.options(), "pattern": str(pattern),
                     "overrides": dict(overrides or {}), "true_sequential": true_sequential, "batch_size": batch_size}
-        state = ResumeState(resume_dir, fingerprint(model, calibration, settings))
+        ids = calibration if calibration is not None and not data_free else torch.zeros(0, dtype=torch.long)
+        state = ResumeState(resume_dir, io.fingerprint(model, ids, settings))
         completed = state.completed_layers()
+    bar = tqdm(total=len(layers), desc=f"{method.name} {pattern}", unit="layer", disable=not progress)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[LayerCall]] = [[] for _ in layers]
     with _calibration_mode(model):
-        bar.set_postfix_str("capturing layer inputs")
-        restore = _move_outside_layers(model, layers, device)
-        try:
-            hidden, calls = capture_layer_inputs(model, layers, batches, device)
-        finally:
-            restore()
+        if not data_free:
+            bar.set_postfix_str("capturing layer inputs")
+            io.load(0, layers[0])  # the capture runs the first layer once, to learn its output structure
+            restore = _move_outside_layers(model, layers, device)
+            try:
+                hidden, calls = capture_layer_inputs(model, layers, list(calibration.split(batch_size)), device)
+            finally:
+                restore()
+            if completed:
+                io.release(0, layers[0], recorded=True)
         if completed:
-            saved_weights, hidden, saved_reports, earlier_s = state.load(completed, device)
-            for weights, targets in zip(saved_weights, plan):
-                for name, weight in weights.items():
-                    weight_matrix(targets[name][0]).data.copy_(weight)
+            saved_weights, saved_hidden, saved_reports, earlier_s = state.load(completed, device,
+                                                                               weights=not io.streamed)
+            if not data_free:
+                hidden = saved_hidden
+            io.restore(saved_weights, plan)
             reports = [LinearReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
             tqdm.write(f"resuming from {resume_dir}: {completed} of {len(layers)} layers already pruned",
                        file=sys.stderr)
@@ -407,12 +439,21 @@ def prune_layers(
                 if index < completed:
                     continue
                 where = f"{layers_name}.{index}"
-                reports += _prune_and_advance(method, layer, targets, hidden, calls[index], device, where,
-                                              true_sequential, bar, batch_size)
+                io.load(index, layer)
+                if io.streamed:  # read just now: checked before it is used (in memory, _plan checked it)
+                    for name, (linear, _) in targets.items():
+                        _check_weight(weight_matrix(linear), f"{where}.{name}")
+                if data_free:
+                    with _on_device(layer, device):
+                        for name, (linear, chosen) in targets.items():
+                            reports.append(_prune_linear(method, linear, None, chosen, f"{where}.{name}"))
+                else:
+                    reports += _prune_and_advance(method, layer, targets, hidden, calls[index], device, where,
+                                                  true_sequential, bar, batch_size)
                 if state is not None:  # written while the next layer computes
-                    weights = {name: weight_matrix(linear) for name, (linear, _) in targets.items()}
-                    state.save(index + 1, weights, hidden, [dataclasses.asdict(r) for r in reports],
-                               earlier_s + time.perf_counter() - start)
+                    state.save(index + 1, io.record(index, layer, targets), hidden,
+                               [dataclasses.asdict(r) for r in reports], earlier_s + time.perf_counter() - start)
+                io.release(index, layer, recorded=state is not None)
                 bar.update()
             if state is not None:
                 state.wait()

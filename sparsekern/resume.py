@@ -54,6 +54,34 @@ def fingerprint(model: torch.nn.Module, calibration: torch.Tensor, settings: dic
     return digest.hexdigest()[:16]
 
 
+def checkpoint_fingerprint(config: str, files: list[str | os.PathLike], calibration: torch.Tensor,
+                           settings: dict) -> str:
+    """The fingerprint of a run streamed from a safetensors checkpoint (the model is never whole in memory): the
+    config, then for every tensor of every file its name, dtype, shape and a strided sample of up to 64 KiB of its
+    bytes read straight from the file (never more than one block of it in memory), the settings, the calibration
+    ids. A different fingerprint from :func:`fingerprint`'s on the same model: streamed and in-memory states never
+    mix."""
+    digest = hashlib.sha256(b"streamed\0" + config.encode())
+    for path in files:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            base = 8 + header_len
+            for name in sorted(k for k in header if k != "__metadata__"):
+                entry = header[name]
+                begin, end = entry["data_offsets"]
+                digest.update(f"{name}{tuple(entry['shape'])}{entry['dtype']}".encode())
+                size = end - begin
+                blocks = 1 if size <= _SAMPLE else 64
+                step = max(1, size // blocks)
+                for offset in range(0, size, step)[:blocks]:
+                    f.seek(base + begin + offset)
+                    digest.update(f.read(min(_SAMPLE // blocks, size - offset)))
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(calibration.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -112,9 +140,11 @@ class ResumeState:
         manifest = self._manifest()
         return 0 if manifest is None else int(manifest["completed_layers"])
 
-    def load(self, completed: int, device: torch.device) -> tuple[list[dict[str, torch.Tensor]], list, list, float]:
+    def load(self, completed: int, device: torch.device, weights: bool = True
+             ) -> tuple[list[dict[str, torch.Tensor]], list, list, float]:
         """(per-layer weights of the completed layers, the next layer's inputs on ``device``, the reports, seconds
-        spent so far), after checking every file against the manifest."""
+        spent so far), after checking every file against the manifest. ``weights=False`` (streaming: the layer
+        files are the output's shards, read again only when it is assembled) gives [] for the weights."""
         manifest = self._manifest()
         if manifest is None or int(manifest["completed_layers"]) != completed:
             raise ResumeError(f"{self.folder} changed while it was being read; rerun to resume")
@@ -124,10 +154,10 @@ class ResumeState:
                 raise ResumeError(f"{path} is missing or damaged (it does not match {MANIFEST}); rerun with "
                                   "--restart to start over")
         self._files = dict(manifest["files"])
-        weights = [load_file(self.folder / _layer_file(i)) for i in range(completed)]
+        layer_weights = [load_file(self.folder / _layer_file(i)) for i in range(completed)] if weights else []
         hidden_file = load_file(self.folder / _hidden_file(completed), device=str(device))
         hidden = [hidden_file[str(b)] for b in range(len(hidden_file))]
-        return weights, hidden, manifest["reports"], float(manifest["time_s"])
+        return layer_weights, hidden, manifest["reports"], float(manifest["time_s"])
 
     def save(self, completed: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor],
              reports: list[dict], time_s: float) -> None:
@@ -157,7 +187,8 @@ class ResumeState:
             self.folder.mkdir(parents=True, exist_ok=True)
             files = dict(self._files)
             for name, tensors in [(_layer_file(completed - 1), weights), (_hidden_file(completed), hidden)]:
-                _write_durably(self.folder / name, lambda tmp, tensors=tensors: save_file(tensors, tmp))
+                _write_durably(self.folder / name,
+                               lambda tmp, tensors=tensors: save_file(tensors, tmp, {"format": "pt"}))
                 files[name] = {"bytes": (self.folder / name).stat().st_size, "sha256": _sha256(self.folder / name)}
             files.pop(_hidden_file(completed - 1), None)
             manifest = {"version": VERSION, "fingerprint": self.fingerprint, "completed_layers": completed,
@@ -188,4 +219,10 @@ def completed_in(folder: str | os.PathLike) -> int | None:
         return None
 
 
-__all__ = ["MANIFEST", "ResumeError", "ResumeState", "completed_in", "fingerprint"]
+def layer_file(index: int) -> str:
+    """The name of layer ``index``'s record in a state folder (streamed runs: the layer's shard of the output)."""
+    return _layer_file(index)
+
+
+__all__ = ["MANIFEST", "ResumeError", "ResumeState", "checkpoint_fingerprint", "completed_in", "fingerprint",
+           "layer_file"]

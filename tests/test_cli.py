@@ -18,7 +18,8 @@ def test_prune_json_and_checkpoint(capsys, tmp_path, tiny_folder, text_file, met
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-6)
     record = json.loads((out / "sparsity.json").read_text())
     assert record["method"] == method and len(record["layers"]) == 2 * 7
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    # streamed by default: a sharded checkpoint (model.safetensors.index.json); --no-stream: one model.safetensors
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
     assert (out / "tokenizer.json").is_file()
 
 

@@ -142,7 +142,8 @@ def cli_setup(tmp_path_factory):
 
 
 def checkpoint_digest(out: Path) -> tuple[str, dict]:
-    """(sha256 of the weights file, sparsity.json without its timings)."""
+    """(sha256 of the weight files and index, sparsity.json without its timings). The CLI streams the model: one
+    shard per decoder layer and model.safetensors.index.json."""
     def untimed(value):
         if isinstance(value, dict):
             return {k: untimed(v) for k, v in value.items() if k != "time_s"}
@@ -150,7 +151,10 @@ def checkpoint_digest(out: Path) -> tuple[str, dict]:
             return [untimed(v) for v in value]
         return value
 
-    weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for path in sorted(out.glob("model*.safetensors*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    weights = digest.hexdigest()
     return weights, untimed(json.loads((out / "sparsity.json").read_text()))
 
 
