@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import formats
 from .nn import dispatch
 from .nn.sparse_linear import SparseLinear
 from .reference.masks import nm_mask, topk_mask
@@ -67,22 +67,14 @@ def implementations(weight: torch.Tensor, format: str = "2:4") -> dict[str, Call
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    layer = SparseLinear.from_dense(linear, format=format)
-    if format == "2:4":
-        values, meta = layer.values, layer.meta
-        kernel = lambda x: ops.sparse24_linear(x, values, meta, None)  # noqa: E731
-        decompressed = lambda x: torch.nn.functional.linear(x, ops.decompress_24(values, meta))  # noqa: E731
-    elif format == "bitmap":
-        values, bitmap, offsets, k = layer.values, layer.bitmap, layer.offsets, layer.in_features
-        kernel = lambda x: ops.bitmap_linear(x, values, bitmap, offsets, None)  # noqa: E731
-        decompressed = lambda x: torch.nn.functional.linear(  # noqa: E731
-            x, ops.decompress_bitmap(values, bitmap, offsets, k))
-    else:
+    if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}: the benchmark knows {', '.join(FORMATS)}")
+    layer = SparseLinear.from_dense(linear, format=format)
+    fmt, compressed, k = formats.get(format), layer.compressed, layer.in_features
     impls = {
         "dense": lambda x: torch.nn.functional.linear(x, weight),
-        "triton": kernel,
-        "dense_decompress": decompressed,
+        "triton": lambda x: fmt.linear(x, compressed, None, None),  # the format's kernel op
+        "dense_decompress": lambda x: torch.nn.functional.linear(x, fmt.decompress(compressed, k)),
         "dispatched": layer,
     }
     if weight.is_cuda:

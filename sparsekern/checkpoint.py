@@ -97,7 +97,8 @@ def save_compressed(model: Any, tokenizer: Any, out_dir: str | os.PathLike, extr
                      "permuted": module.perm is not None}
               for name, module in model.named_modules() if isinstance(module, SparseLinear)}
     sizes = linear_bytes(model)
-    manifest = {"format_version": FORMAT_VERSION, "dtype": str(_model_dtype(model)).removeprefix("torch."),
+    dtype = next((tensor.dtype for tensor in state.values() if tensor.is_floating_point()), torch.float32)
+    manifest = {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
                 "layers": layers, "tied": tied, **sizes}
 
     def write(tmp: Path) -> None:
@@ -121,13 +122,6 @@ def folder_bytes(folder: str | os.PathLike) -> dict[str, int]:
     files = [p for p in Path(folder).iterdir() if p.is_file()]
     weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors" and p.name != PERMUTATIONS)
     return {"weights": weights, "total": sum(p.stat().st_size for p in files)}
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for tensor in model.state_dict().values():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -155,6 +149,12 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def _saved_permutations(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The channel permutations a pruned checkpoint carries beside it (``--permute``), or None."""
+    path = folder / PERMUTATIONS
+    return _read_tensors(path) if path.is_file() else None
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -176,10 +176,9 @@ def load(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: st
     or "float32"/"float16"/"bfloat16"."""
     folder = resolve_model(model)
     if not is_compressed(folder):
-        dense, tokenizer = load_model(folder, dtype=dtype)
-        perms_file = folder / PERMUTATIONS
-        sparsify(dense, perms=_read_tensors(perms_file) if perms_file.is_file() else None, format=format)
-        return dense.to(device), tokenizer
+        dense, tokenizer = load_model(folder, dtype=dtype, device=device)
+        sparsify(dense, perms=_saved_permutations(folder), format=format)
+        return dense, tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .models import _parse_dtype
@@ -288,9 +287,8 @@ def compress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, o
     if is_compressed(folder):
         raise ValueError(f"{folder} is already a compressed checkpoint")
     model, tokenizer = load_model(folder)
-    perms_file = folder / PERMUTATIONS
     return save_compressed(model, tokenizer, out_dir, _extra_json(folder), overwrite,
-                           perms=_read_tensors(perms_file) if perms_file.is_file() else None, format=format)
+                           perms=_saved_permutations(folder), format=format)
 
 
 def decompress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -301,7 +299,7 @@ def decompress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
     if not is_compressed(folder):
         raise ValueError(f"{folder} is not a compressed checkpoint (no {MANIFEST})")
     model, tokenizer = load(folder)
-    perms = {name: perm for name, perm in permutations_of(model).items()}
+    perms = permutations_of(model)
     densify(model)
     return save_checkpoint(model, tokenizer, out_dir, _extra_json(folder), overwrite,
                            extra_tensors={PERMUTATIONS: perms} if perms else None)

@@ -58,8 +58,8 @@ def entry_key(entry: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(path: Path | None = None) -> dict:
-    path = path or table_path()
+def _table() -> dict:
+    path = table_path()
     if not path.exists():
         return {}
     try:
@@ -107,17 +107,14 @@ def _kernel_checked(index: int, format: str, dtype: torch.dtype) -> bool:
     """Run the format's kernel once on a small random layer with odd sizes (decode and prefill rows) on GPU
     ``index`` and compare it with the decompressed weight through F.linear."""
     from .. import formats
+    from ..reference.masks import nm_mask
 
     fmt = formats.get(format)
     device = torch.device("cuda", index)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(72, 200, generator=generator)
-    weight = weight.masked_fill(torch.rand(72, 200, generator=generator) < 0.5, 0)
-    if format == "2:4":
-        groups = weight.reshape(72, 50, 4).abs()
-        weight = weight.reshape(72, 50, 4).masked_fill(
-            groups.argsort(-1).argsort(-1) < 2, 0).reshape(72, 200)
-    weight = weight.to(device=device, dtype=dtype)
+    pruned = nm_mask(weight.abs(), 2, 4) if format == "2:4" else torch.rand(72, 200, generator=generator) < 0.5
+    weight = weight.masked_fill(pruned, 0).to(device=device, dtype=dtype)
     try:
         buffers = fmt.compress(weight, "check")
         for m in (3, 40):

@@ -214,10 +214,14 @@ def sparsify(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | Non
             weight = weight.index_select(1, perms[name])
         wanted = "2:4" if permuted else format
         if filter_fn is None:
-            fmt = formats.choose(weight, permuted) if wanted == "auto" else formats.get(wanted)
-            fits = fmt is not None and fmt.nbytes(weight) is not None and (
-                wanted == "auto" or fmt.nbytes(weight) <= (1 - formats.MIN_SAVING) * formats.dense_nbytes(weight))
-            if fits:
+            if wanted == "auto":  # choose() only returns a format that fits and saves MIN_SAVING
+                fmt = formats.choose(weight, permuted)
+            else:
+                fmt = formats.get(wanted)
+                size = fmt.nbytes(weight)
+                if size is None or size > (1 - formats.MIN_SAVING) * formats.dense_nbytes(weight):
+                    fmt = None
+            if fmt is not None:
                 picked.append((name, module, fmt.name))
         elif filter_fn(name, module):
             fmt = formats.get(wanted) if wanted != "auto" else (
