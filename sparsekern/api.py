@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from .allocate import allocate
+from .distributed import Ranks
 from .patterns import PatternSpec, SparsityPattern
 from .pipeline import LinearReport, prune_layers
 from .prune import make_method
@@ -84,6 +85,8 @@ def prune(
     progress: bool = True,
     resume_dir: str | None = None,
     layer_io=None,
+    distributed: bool | None = None,
+    offload_activations: str | None = None,
     **options,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
@@ -115,6 +118,12 @@ def prune(
     overrides: {module-name glob: pattern or "dense"}, e.g. {"*.down_proj": "0.6", "*.layers.0.*": "dense"}.
     resume_dir: a folder recording each finished layer; rerunning with the same model, settings and calibration
         resumes there (``time_s`` then includes the earlier runs).
+    distributed: spread the work over the ranks of the initialized ``torch.distributed`` process group (call
+        ``prune`` in every rank with the same arguments): each calibrates on its share of the samples, the linears
+        are pruned by owners chosen by cost, and every rank ends with the whole pruned model (see
+        ``sparsekern.distributed``). None (default): when a group of more than one rank is initialized.
+    offload_activations: a folder for the calibration activations between layers (a fresh subfolder, removed at the
+        end): one batch in memory at a time, for the widest models (``sparsekern.offload``).
     layer_io: internal: where the decoder layers come from and go (``sparsekern.pipeline.InMemoryLayers`` by
         default; ``sparsekern.streaming.prune_checkpoint`` passes its streamed layers).
     """
@@ -122,8 +131,10 @@ def prune(
     pattern, algorithm = check_arguments(
         method=method, sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
         batch_size=batch_size, true_sequential=true_sequential, progress=progress, update=update, refine=refine,
-        allocation=allocation, permute=permute, **options)
+        allocation=allocation, permute=permute, offload_activations=offload_activations, **options)
     check_streamable(algorithm, layer_io)
+    ranks = Ranks.current(distributed)
+    check_distributable(algorithm, ranks)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     calibration_ids, calibration_info = None, None
@@ -135,7 +146,7 @@ def prune(
     linears, earlier_s = prune_layers(
         model, algorithm, pattern, calibration_ids, device=device, batch_size=batch_size,
         true_sequential=true_sequential, overrides={**allocated, **(overrides or {})}, progress=progress,
-        resume_dir=resume_dir, layer_io=layer_io,
+        resume_dir=resume_dir, layer_io=layer_io, ranks=ranks, offload_activations=offload_activations,
     )
     options = {**algorithm.options(), "true_sequential": true_sequential, "overrides": dict(overrides or {})}
     # time_s counts the interrupted runs this one resumed, too
@@ -152,7 +163,8 @@ _ARGUMENT_TYPES = {"nsamples": (int, False), "seqlen": (int, False), "seed": (in
 
 def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int, seqlen: int, seed: int, bos: str,
                     batch_size: int, true_sequential: bool, progress: bool, update: str = "none",
-                    refine: str = "none", allocation: str = "uniform", permute: bool = False, **options):
+                    refine: str = "none", allocation: str = "uniform", permute: bool = False,
+                    offload_activations: str | None = None, **options):
     """(pattern, method) after every check :func:`prune`'s arguments allow without the model: types, the pattern,
     the steps and their options (from the registry), the calibration source (a local file is read once: missing, empty or not UTF-8
     fails here). The CLI calls it before loading the model. Raises ValueError, TypeError or FileNotFoundError."""
@@ -167,6 +179,10 @@ def check_arguments(*, method: str, sparsity: PatternSpec, calib, nsamples: int,
                          "--allocation uniform, or an unstructured --sparsity such as 0.5")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if offload_activations is not None:  # a folder that cannot take the activations fails now, not after loading
+        from .offload import DiskActivations
+
+        DiskActivations(offload_activations).close()
     from .data import BOS_CHOICES, check_source
 
     if bos not in BOS_CHOICES:
@@ -186,6 +202,16 @@ def check_streamable(algorithm, layer_io) -> None:
         raise ValueError(f"--allocation {step.name} needs dense statistics passes over every layer before pruning, "
                          "which the streamed path (one layer in memory at a time) does not run: add --no-stream "
                          "(the whole model is loaded in memory), or use --allocation uniform or a JSON file")
+
+
+def check_distributable(algorithm, ranks) -> None:
+    """A distributed run calibrates each rank on its share of the samples: an allocation fitted by dense passes
+    over the whole calibration set first (owl, sensitivity) is refused (a JSON file allocation is fine)."""
+    step = getattr(algorithm, "allocation", None)
+    if ranks is not None and step is not None and not isinstance(step, str):
+        raise ValueError(f"--allocation {step.name} is not distributed: run it in one process, or pass the per-layer "
+                         "sparsities it chose (the \"allocation\" of a one-process run's sparsity.json) as "
+                         "--allocation FILE.json")
 
 
 def _check_types(**arguments) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import RankFailure, joined_process_group
 from .prune import REGISTRY, option_specs
 from .reference import NotPositiveDefiniteError
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load the whole model in memory; by default a safetensors checkpoint is streamed: one "
                             "decoder layer in memory at a time, written out once pruned (--save-format compressed "
                             "always loads the whole model; --allocation owl and sensitivity need this flag)")
+    prune.add_argument("--offload-activations", default=None, metavar="DIR",
+                       help="keep the calibration activations in a temporary folder under DIR between layers, one "
+                            "batch in memory at a time (for the widest models; slower by the disk's speed)")
+    prune.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others at each exchange before the job "
+                            "stops, naming the rank that hung (default 1800)")
     _add_model_args(prune)
 
     evaluate = sub.add_parser("eval", help="perplexity over non-overlapping windows of held-out text, or zero-shot "
@@ -210,26 +217,36 @@ def cmd_prune(args) -> dict:
     check_arguments(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
                     seqlen=args.seqlen, seed=args.seed, bos=args.bos, batch_size=args.batch_size,
                     true_sequential=args.true_sequential, progress=not args.quiet, update=args.update,
-                    refine=args.refine, allocation=args.allocation, permute=args.permute, **_step_options(args))
+                    refine=args.refine, allocation=args.allocation, permute=args.permute,
+                    offload_activations=args.offload_activations, **_step_options(args))
     out = Path(args.out)
     source = resolve_model(args.model)
-    check_destination(out, args.overwrite, source)
-    with OutputLock(out):  # a second run on the same --out is refused while this one lives
-        return _prune_into(args, out, source, overrides, device)
+    # Under torchrun (WORLD_SIZE > 1): join the process group; rank 0 checks and locks --out and writes it.
+    with joined_process_group(device, args.dist_timeout) as (device, ranks):
+        writer = ranks is None or ranks.is_writer
+        if writer:
+            check_destination(out, args.overwrite, source)
+        with OutputLock(out) if writer else contextlib.nullcontext():  # a second run on the same --out is refused
+            result = _prune_into(args, out, source, overrides, device, writer)
+        if ranks is not None:  # every rank ends when the checkpoint is in place (or with rank 0's error)
+            ranks.barrier("rank 0 writing the checkpoint")
+            result.update(rank=ranks.rank, world_size=ranks.world, bytes_moved=ranks.bytes_moved)
+        return result
 
 
-def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.device) -> dict:
+def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.device, writer: bool = True) -> dict:
     from .api import prune
     from .models import load_model, partial_dir, save_checkpoint
     from .streaming import is_streamable, prune_checkpoint
 
     # Each finished layer is recorded here, so an interrupted run resumes; removed once the checkpoint is saved.
     partial = partial_dir(out)
-    if args.restart:
+    if args.restart and writer:
         shutil.rmtree(partial, ignore_errors=True)
     options = dict(method=args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples,
                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, update=args.update, refine=args.refine,
                    allocation=args.allocation, permute=args.permute, device=device,
+                   offload_activations=args.offload_activations,
                    true_sequential=args.true_sequential, overrides=overrides, batch_size=args.batch_size,
                    progress=not args.quiet, **_step_options(args))
     resume_dir = None if args.no_resume else str(partial)
@@ -245,7 +262,9 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
         model, tokenizer = load_model(source, dtype=args.dtype)  # stays on the CPU: layers visit the device
         report = prune(model, tokenizer, resume_dir=resume_dir, **options)
         record = {"model": str(args.model), **report.to_dict()}
-        if args.save_format == "compressed":
+        if not writer:
+            pass
+        elif args.save_format == "compressed":
             from .checkpoint import save_compressed
 
             sizes = save_compressed(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
@@ -254,6 +273,8 @@ def _prune_into(args, out: Path, source: Path, overrides: dict, device: torch.de
             save_checkpoint(model, tokenizer, out, {"sparsity.json": record}, overwrite=args.overwrite,
                             extra_tensors={"permutations.safetensors": report.permutations} if report.permutations
                             else None)
+    if not writer:  # rank > 0 of a distributed run: rank 0 reports
+        return {"method": report.method, "pattern": report.pattern, "out": str(out), "written_by": "rank 0"}
     shutil.rmtree(partial, ignore_errors=True)
     result = {"method": report.method, "pattern": report.pattern, "sparsity": report.sparsity,
               "time_s": report.time_s, "out": str(out), "linears": len(report.linears),
@@ -445,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"sparsekern {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RankFailure as exc:  # another rank of a distributed run failed: its rank, layer and the fix
+        print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)
         return 2

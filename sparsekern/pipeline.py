@@ -21,12 +21,14 @@ import inspect
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, MutableSequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import Ranks, assign_owners, linear_cost
+from .offload import DiskActivations
 from .patterns import PatternSpec, SparsityPattern, resolve_pattern
 from .prune import Method
 from .resume import ResumeState, fingerprint
@@ -180,14 +182,16 @@ def _set_tensor_device(module: nn.Module, key: str, device: torch.device) -> Non
 
 
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device
-) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device,
+    store: MutableSequence[torch.Tensor] | None = None,
+) -> tuple[MutableSequence[torch.Tensor], list[list[LayerCall]]]:
     """The first layer's input for each batch, and how each layer is called for each batch ([layer][batch]).
 
-    Everything outside the decoder layers must already be on ``device``.
+    Everything outside the decoder layers must already be on ``device``. ``store``: where the inputs go (default a
+    new list; ``offload.DiskActivations`` keeps them on disk).
     """
     calls: list[list[LayerCall]] = [[] for _ in layers]
-    first_inputs: list[torch.Tensor] = []
+    first_inputs = store if store is not None else []
     first_output_is_tensor: list[bool] = []
 
     def make_forward(index: int) -> Callable:
@@ -365,6 +369,10 @@ class InMemoryLayers:
             for name, weight in layer_weights.items():
                 weight_matrix(targets[name][0]).data.copy_(weight)
 
+    def load_recorded(self, index: int, layer: nn.Module, targets: Mapping, folder: str) -> None:
+        """Resuming a distributed run: give the loaded layer its recorded pruned weights (in memory, ``restore``
+        already did)."""
+
     def release(self, index: int, layer: nn.Module, recorded: bool) -> None:
         """The layer is finished (and recorded, when there is a resume state): in memory, it stays."""
 
@@ -382,6 +390,8 @@ def prune_layers(
     progress: bool = True,
     resume_dir: str | None = None,
     layer_io: InMemoryLayers | None = None,
+    ranks: Ranks | None = None,
+    offload_activations: str | None = None,
 ) -> tuple[list[LinearReport], float]:
     """Prune every decoder-layer linear of ``model`` in place, one layer at a time. Returns the per-linear reports
     and the seconds earlier runs spent on the layers this one resumed from (0.0 without resuming).
@@ -392,7 +402,23 @@ def prune_layers(
         settings and calibration continues from the first unfinished layer.
     layer_io: where layers come from and go (default: the model in memory; ``sparsekern.streaming`` streams them
         from a checkpoint, the model's decoder layers then being on the meta device between visits).
+    ranks: a distributed run (``sparsekern.distributed``): this rank calibrates on its share of the batches and
+        prunes the linears it owns; every rank gets every pruned weight; only rank 0 records progress.
+    offload_activations: a folder where the calibration activations live between layers (``offload``), one batch in
+        memory at a time. The resume state then holds no activations: resuming replays the finished layers.
     """
+    with ranks if ranks is not None else contextlib.nullcontext():
+        try:
+            return _prune_layers(model, method, pattern, calibration, device, batch_size, true_sequential, overrides,
+                                 progress, resume_dir, layer_io, ranks, offload_activations)
+        except BaseException as exc:
+            if ranks is not None:  # before this process ends: the other ranks read it to explain their failure
+                ranks.report_error(exc)
+            raise
+
+
+def _prune_layers(model, method, pattern, calibration, device, batch_size, true_sequential, overrides, progress,
+                  resume_dir, layer_io, ranks, offload_activations):
     start = time.perf_counter()
     io = layer_io if layer_io is not None else InMemoryLayers()
     layers_name, layers = find_decoder_layers(model)
@@ -404,35 +430,49 @@ def prune_layers(
         raise ValueError(f"method {method.name!r} needs calibration data")
     # Data-free methods record progress only when streamed (there the records are the output's layers).
     state, completed, earlier_s = None, 0, 0.0
-    if resume_dir is not None and (not data_free or io.streamed):
+    if resume_dir is not None and (not data_free or io.streamed) and (ranks is None or ranks.is_writer):
         settings = {"method": method.name, "options": method.options(), "pattern": str(pattern),
                     "overrides": dict(overrides or {}), "true_sequential": true_sequential, "batch_size": batch_size}
         ids = calibration if calibration is not None and not data_free else torch.zeros(0, dtype=torch.long)
         state = ResumeState(resume_dir, io.fingerprint(model, ids, settings))
         completed = state.completed_layers()
+    if ranks is not None:
+        completed = ranks.broadcast_object(completed, 0, "reading the resume state")
+        progress = progress and ranks.is_writer
     bar = tqdm(total=len(layers), desc=f"{method.name} {pattern}", unit="layer", disable=not progress)
-    hidden: list[torch.Tensor] = []
+    hidden: MutableSequence[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
-    with _calibration_mode(model):
+    # Activations not in the resume state (they are on every rank, or on disk): a resumed run replays the layers.
+    replayed = ranks is not None or offload_activations is not None
+    with _calibration_mode(model), _activation_store(offload_activations, device, data_free) as store:
         if not data_free:
             bar.set_postfix_str("capturing layer inputs")
             io.load(0, layers[0])  # the capture runs the first layer once, to learn its output structure
             restore = _move_outside_layers(model, layers, device)
+            batches = list(calibration.split(batch_size))
             try:
-                hidden, calls = capture_layer_inputs(model, layers, list(calibration.split(batch_size)), device)
+                hidden, calls = capture_layer_inputs(model, layers, ranks.shard(batches) if ranks else batches,
+                                                     device, store)
             finally:
                 restore()
             if completed:
                 io.release(0, layers[0], recorded=True)
         if completed:
-            saved_weights, saved_hidden, saved_reports, earlier_s = state.load(completed, device,
-                                                                               weights=not io.streamed)
-            if not data_free:
+            saved_reports, saved_hidden = None, []
+            if state is not None:
+                saved_weights, saved_hidden, saved_reports, earlier_s = state.load(completed, device,
+                                                                                   weights=not io.streamed)
+                io.restore(saved_weights, plan)
+            if ranks is not None:
+                saved_reports, earlier_s = ranks.broadcast_object((saved_reports, earlier_s), 0, "resuming")
+            if not data_free and saved_hidden and not replayed:
                 hidden = saved_hidden
-            io.restore(saved_weights, plan)
+            elif not data_free:  # a state without them: the samples through the recorded layers again
+                _replay(io, layers_name, layers, plan, hidden, calls, completed, device, ranks, resume_dir)
             reports = [LinearReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
-            tqdm.write(f"resuming from {resume_dir}: {completed} of {len(layers)} layers already pruned",
-                       file=sys.stderr)
+            if ranks is None or ranks.is_writer:
+                tqdm.write(f"resuming from {resume_dir}: {completed} of {len(layers)} layers already pruned",
+                           file=sys.stderr)
             bar.update(completed)
         try:
             for index, (layer, targets) in enumerate(zip(layers, plan)):
@@ -445,13 +485,16 @@ def prune_layers(
                         _check_weight(weight_matrix(linear), f"{where}.{name}")
                 if data_free:
                     with _on_device(layer, device):
-                        for name, (linear, chosen) in targets.items():
-                            reports.append(_prune_linear(method, linear, None, chosen, f"{where}.{name}"))
+                        owners = _owners(ranks, {name: linear for name, (linear, _) in targets.items()})
+                        mine = [_prune_linear(method, linear, None, chosen, f"{where}.{name}")
+                                for name, (linear, chosen) in targets.items() if _owns(ranks, owners, name)]
+                        reports += _share(ranks, where, {n: linear for n, (linear, _) in targets.items()}, owners,
+                                          list(targets), mine)
                 else:
                     reports += _prune_and_advance(method, layer, targets, hidden, calls[index], device, where,
-                                                  true_sequential, bar, batch_size)
-                if state is not None:  # written while the next layer computes
-                    state.save(index + 1, io.record(index, layer, targets), hidden,
+                                                  true_sequential, bar, batch_size, ranks)
+                if state is not None:  # written while the next layer computes (distributed: no activations)
+                    state.save(index + 1, io.record(index, layer, targets), [] if replayed else hidden,
                                [dataclasses.asdict(r) for r in reports], earlier_s + time.perf_counter() - start)
                 io.release(index, layer, recorded=state is not None)
                 bar.update()
@@ -468,31 +511,92 @@ def prune_layers(
     return reports, earlier_s
 
 
+def _owners(ranks: Ranks | None, linears: Mapping[str, nn.Module]) -> dict[str, int] | None:
+    """{name: owning rank} for a distributed run (by cost, ``distributed.assign_owners``), else None."""
+    if ranks is None:
+        return None
+    return assign_owners({name: linear_cost(*weight_matrix(linear).shape) for name, linear in linears.items()},
+                         ranks.world)
+
+
+def _owns(ranks: Ranks | None, owners: dict[str, int] | None, name: str) -> bool:
+    return ranks is None or owners[name] == ranks.rank
+
+
+def _share(ranks: Ranks | None, where: str, linears: Mapping[str, nn.Module], owners: dict[str, int] | None,
+           order: list[str], mine: list[LinearReport]) -> list[LinearReport]:
+    """Distributed: every pruned weight from its owner to every rank, and every rank's reports, in ``order``.
+    In one process: ``mine``."""
+    if ranks is None:
+        return mine
+    ranks.broadcast_weights((f"{where}.{name}", linears[name].weight.data, owners[name]) for name in order)
+    gathered = {r.name: r for reports in ranks.all_gather_objects(mine, f"{where}: reports") for r in reports}
+    return [gathered[f"{where}.{name}"] for name in order]
+
+
+@contextlib.contextmanager
+def _activation_store(folder: str | None, device: torch.device, data_free: bool
+                      ) -> Iterator[MutableSequence[torch.Tensor] | None]:
+    """The calibration activations' home: None (a list in memory), or a ``DiskActivations`` in ``folder``, removed
+    at the end."""
+    if folder is None or data_free:
+        yield None
+        return
+    with DiskActivations(folder, device) as store:
+        yield store
+
+
+def _replay(io: InMemoryLayers, layers_name: str, layers: nn.ModuleList, plan: list,
+            hidden: MutableSequence[torch.Tensor], calls: list[list[LayerCall]], completed: int, device: torch.device,
+            ranks: Ranks | None, folder: str) -> None:
+    """Resuming from a state without activations (a distributed run: they are on every rank; offloaded ones): the
+    finished layers, with their recorded pruned weights (broadcast by rank 0), run again on this process's samples."""
+    for index in range(completed):
+        where = f"{layers_name}.{index}"
+        layer, targets = layers[index], plan[index]
+        io.load(index, layer)
+        if ranks is None or ranks.is_writer:
+            io.load_recorded(index, layer, targets, folder)
+        with _on_device(layer, device):
+            if ranks is not None:
+                ranks.broadcast_weights((f"{where}.{name}", linear.weight.data, 0)
+                                        for name, (linear, _) in targets.items())
+            _advance(layer, hidden, calls[index], where)
+        io.release(index, layer, recorded=True)
+
+
 def _prune_and_advance(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],
                        hidden: list[torch.Tensor], calls: list[LayerCall], device: torch.device, where: str,
-                       true_sequential: bool, bar: tqdm, batch_size: int) -> list[LinearReport]:
+                       true_sequential: bool, bar: tqdm, batch_size: int,
+                       ranks: Ranks | None = None) -> list[LinearReport]:
     """Prune one layer on ``device`` and turn ``hidden`` into the next layer's inputs.
 
     Out of GPU memory with the calibration activations on the GPU, the layer gets its dense weights back, the
     activations move to the CPU (each batch then visits the GPU with the layer) and the layer is pruned again, once;
-    out of memory with them on the CPU already, the error names the layer, the sizes and the fixes."""
+    out of memory with them on the CPU already, the error names the layer, the sizes and the fixes. (Distributed,
+    no rank retries alone: the others are already in the next collective.)"""
     dense = {name: weight_matrix(linear).detach().to("cpu", copy=True) for name, (linear, _) in targets.items()} \
-        if device.type == "cuda" else None
+        if device.type == "cuda" and ranks is None else None
     for attempt in range(2):
         try:
             with _on_device(layer, device):
-                reports = _prune_layer(method, layer, targets, hidden, calls, device, where, true_sequential, bar)
+                reports = _prune_layer(method, layer, targets, hidden, calls, device, where, true_sequential, bar,
+                                       ranks)
                 bar.set_postfix_str(f"{where}: outputs")
                 _advance(layer, hidden, calls, where)
             return reports
         except torch.OutOfMemoryError as exc:
-            offloaded = hidden[0].device.type == "cpu"
-            sizes = (f"{len(calls)} batches of {tuple(hidden[0].shape)} {str(hidden[0].dtype).removeprefix('torch.')} "
-                     f"activations, {sum(h.numel() * h.element_size() for h in hidden) / 2**30:.2f} GiB")
+            on_disk = isinstance(hidden, DiskActivations)
+            offloaded = on_disk or hidden[0].device.type == "cpu"
+            first = hidden.meta(0) if on_disk else hidden[0]
+            total = hidden.nbytes if on_disk else sum(h.numel() * h.element_size() for h in hidden)
+            sizes = (f"{len(calls)} batches of {tuple(first.shape)} {str(first.dtype).removeprefix('torch.')} "
+                     f"activations, {total / 2**30:.2f} GiB")
             if offloaded or attempt or dense is None:
                 raise MemoryError(
                     f"{where}: out of {device.type.upper()} memory ({str(exc).splitlines()[0][:200]}) with {sizes}"
-                    f"{' kept on the CPU' if offloaded else ''}: lower --batch-size (now {batch_size}) or "
+                    f"{' kept on disk' if on_disk else ' kept on the CPU' if offloaded else ''}: lower --batch-size "
+                    f"(now {batch_size}) or "
                     "--nsamples, or prune on a device with more memory") from None
             for name, (linear, _) in targets.items():  # a partly pruned layer is pruned again from dense
                 weight_matrix(linear).data.copy_(dense[name])
@@ -506,8 +610,9 @@ def _prune_and_advance(method: Method, layer: nn.Module, targets: Mapping[str, t
 
 def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[nn.Module, SparsityPattern]],
                  hidden: list[torch.Tensor], calls: list[LayerCall], device: torch.device, where: str,
-                 true_sequential: bool, bar: tqdm) -> list[LinearReport]:
-    """Collect statistics for one layer's linears and prune them, group by group."""
+                 true_sequential: bool, bar: tqdm, ranks: Ranks | None = None) -> list[LinearReport]:
+    """Collect statistics for one layer's linears and prune them, group by group (distributed: the linears this
+    rank owns, from statistics combined over the ranks)."""
     linears = {name: linear for name, (linear, _) in targets.items()}
     if not linears:
         return []
@@ -524,15 +629,25 @@ def _prune_layer(method: Method, layer: nn.Module, targets: Mapping[str, tuple[n
         stage_groups = [[name for name in group if name in stage] for group in groups]
         stage_groups = [group for group in stage_groups if group]
         stats = _collect(method, layer, linears, stage_groups, hidden, calls, device, where)
+        owners = _owners(ranks, {name: linears[name] for group in stage_groups for name in group})
+        if ranks is not None:
+            ranks.reduce_stats(stats, [{owners[name] for name in group} for group in stage_groups], where)
+        mine = []
         for group, stat in zip(stage_groups, stats):
+            if not any(_owns(ranks, owners, name) for name in group):
+                continue
             bar.set_postfix_str(f"{where}: {', '.join(group)}")
+            if ranks is not None:
+                ranks.mark(f"{where}: pruning {', '.join(group)}")
             permutation = getattr(method, "group_permutation", None)
             perm = permutation(stat, [weight_matrix(linears[name]) for name in group],
                                [targets[name][1] for name in group], f"{where}.{group[0]}") if permutation else None
             prepared = method.prepare(stat, f"{where}.{group[0]}")
             for name in group:
-                reports.append(_prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}",
-                                             perm))
+                if _owns(ranks, owners, name):
+                    mine.append(_prune_linear(method, linears[name], prepared, targets[name][1], f"{where}.{name}",
+                                              perm))
+        reports += _share(ranks, where, linears, owners, [name for group in stage_groups for name in group], mine)
     return reports
 
 
@@ -545,7 +660,8 @@ def _advance(layer: nn.Module, hidden: list[torch.Tensor], calls: list[LayerCall
                 f"{where}: outputs contain NaN or Inf after pruning; try float32 (--dtype) "
                 "or a lower sparsity for this layer"
             )
-        hidden[b] = out.to(hidden[b].device)  # stays where the activations are kept (offloaded: the CPU)
+        # stays where the activations are kept (the CPU after an out-of-memory fallback; on disk: written from here)
+        hidden[b] = out if isinstance(hidden, DiskActivations) else out.to(hidden[b].device)
 
 
 def _collect(method: Method, layer: nn.Module, linears: Mapping[str, nn.Module], groups: list[list[str]],

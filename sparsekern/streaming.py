@@ -147,6 +147,7 @@ class StreamedLayers(InMemoryLayers):
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.shard_dir = shard_dir  # where layers are written when there is no resume state
+        self.writes = True  # False on the ranks of a distributed run that do not write the checkpoint (rank > 0)
         self.layers_name, self.layers = find_decoder_layers(model)
         self._loaded: set[int] = set()
         self.check()
@@ -210,8 +211,16 @@ class StreamedLayers(InMemoryLayers):
     def restore(self, weights, plan) -> None:
         """Resuming: the completed layers stay on disk (their records are the output's shards)."""
 
+    def load_recorded(self, index: int, layer: nn.Module, targets: Mapping, folder: str) -> None:
+        """Resuming a distributed run: the pruned weights of a finished layer, from its record (the output's shard)."""
+        from safetensors import safe_open
+
+        with safe_open(str(Path(folder) / layer_file(index)), framework="pt") as f:
+            for name, (linear, _) in targets.items():
+                linear.weight.data.copy_(f.get_tensor(f"{self.layers_name}.{index}.{name}.weight"))
+
     def release(self, index: int, layer: nn.Module, recorded: bool) -> None:
-        if not recorded:
+        if not recorded and self.writes:
             from safetensors.torch import save_file
 
             save_file(self.tensors(index), str(self.shard_dir / layer_file(index)), {"format": "pt"})
@@ -289,21 +298,27 @@ def prune_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, dtype
     from transformers import AutoTokenizer
 
     from .api import check_arguments, check_streamable, prune
+    from .distributed import Ranks
     from .models import write_atomically
 
     out = Path(out).expanduser().absolute()
-    options = {k: v for k, v in prune_options.items() if k not in ("device", "overrides", "progress")}
+    options = {k: v for k, v in prune_options.items() if k not in ("device", "overrides", "progress", "distributed")}
     _, algorithm = check_arguments(**{"method": "sparsegpt", "sparsity": 0.5, "calib": "lee", "nsamples": 128,
                                       "seqlen": 2048, "seed": 0, "bos": "auto", "batch_size": 8,
                                       "true_sequential": False, "progress": False, **options})
     check_streamable(algorithm, StreamedLayers)
+    ranks = Ranks.current(prune_options.get("distributed"))
+    writer = ranks is None or ranks.is_writer  # distributed: rank 0 writes the layers and the checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.layers-", dir=out.parent))
     try:
         model, io = build_streamed(source, dtype, scratch)
+        io.writes = writer
         tokenizer = AutoTokenizer.from_pretrained(source)
         report = prune(model, tokenizer, resume_dir=None if resume_dir is None else str(resume_dir), layer_io=io,
                        **prune_options)
+        if not writer:
+            return report
         shards = Path(resume_dir) if resume_dir is not None else scratch
         content = {**(record or {}), **report.to_dict()}
         extra_tensors = {"permutations.safetensors": report.permutations} if report.permutations else None
