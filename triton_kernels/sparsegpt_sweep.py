@@ -10,11 +10,12 @@ that [BLOCK_R, block] tile of W in registers while it walks the columns i = 0, 1
 U's rows are read from global memory (they are shared by every program, so they stay in L2). The program
 writes Q, Err (for the lazy update), the mask and the loss. Same math as ``reference.sparsegpt_sweep``.
 
-``sparsegpt_prune`` (whole layer; the loop is ``reference.sparsegpt.blocked_prune``, shared with the reference,
-with these kernels plugged in): per ``blocksize`` block the adaptive unstructured mask is the k smallest
-scores of the block (``select.lowest_k_mask``: a radix select, no sort), then the block is swept in segments of
-at most 128 columns; after each segment one GEMM brings every column right of it up to date,
-W[:, i2:] -= Err @ U[i1:i2, i2:] (``_lazy_update_kernel``), in fp32 ("ieee", exact) or TF32 ("tf32").
+``sparsegpt_prune`` (whole layer; the loop is ``sparsekern.prune.sparsegpt_loop.blocked_prune`` with these
+kernels plugged in, checked against ``reference.sparsegpt_prune``, which has its own loop): per ``blocksize``
+block the adaptive unstructured mask is the k smallest scores of the block (``select.lowest_k_mask``: a radix
+select, no sort), then the block is swept in segments of at most 128 columns; after each segment one GEMM
+brings every column right of it up to date, W[:, i2:] -= Err @ U[i1:i2, i2:] (``_lazy_update_kernel``), in fp32
+("ieee", exact) or TF32 ("tf32").
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import triton
 import triton.language as tl
 
 from sparsekern import reference
-from sparsekern.reference.sparsegpt import blocked_prune, check_blocking
+from sparsekern.prune.sparsegpt_loop import blocked_prune
+from sparsekern.reference.sparsegpt import check_blocking
 
 from ._outputs import new_output
 from .select import lowest_k_mask
@@ -35,7 +37,6 @@ INTERPRETER_SWEEP_ROWS = 1024
 INTERPRETER_LAZY_TILES = (256, 256, 128)
 MAX_SWEEP_COLUMNS = 256  # the register tile of a program is [BLOCK_R, next_power_of_2(columns)]
 SEGMENT_COLUMNS = 128  # sweep width inside the whole-layer op
-LAZY_PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit

@@ -8,10 +8,15 @@ are visited left to right in blocks of ``blocksize``. For column i with d = U[i,
     W[:, i:] -= err * U[i, i:]                 inside the segment, column by column
     W[:, i2:] -= Err @ U[i1:i2, i2:]           right of the segment, once per segment (the lazy batch update)
 The segments are SWEEP_WIDTH columns (or whole blocks where that does not tile the patterns); since the lazy
-update is exact, the result is that of the published per-block sweep. Masks: unstructured, the k = round(sparsity * rows * B) smallest scores w^2 / d^2 of each block, chosen when the
-block starts (adaptive mask selection); N:M, the n smallest scores of every m columns, chosen when the sweep
-reaches the group. Quantization: asymmetric min-max grid per row (per ``groupsize`` columns when set), applied
-to kept weights inside the sweep so their rounding error is compensated too; pruned weights stay exactly 0.
+update is exact, the result is that of the published per-block sweep. Masks: unstructured, the
+k = round(sparsity * rows * B) smallest scores w^2 / d^2 of each block, chosen when the block starts (adaptive
+mask selection); N:M, the n smallest scores of every m columns, chosen when the sweep reaches the group.
+Quantization: asymmetric min-max grid per row (per ``groupsize`` columns when set), applied to kept weights
+inside the sweep so their rounding error is compensated too; pruned weights stay exactly 0.
+
+This is the test oracle and the CPU fallback (the ``torch`` backend of ``sparsekern::sparsegpt_prune``), written
+as its own plain loop. The production loop that drives the fused kernels is
+``sparsekern.prune.sparsegpt_loop.blocked_prune``; tests compare the two.
 """
 
 from __future__ import annotations
@@ -133,69 +138,41 @@ def sparsegpt_prune(
     dtype = compute_dtype(weight.dtype)
     check_blocking(blocksize, prune_m, bits, groupsize)
     tf32 = lazy_precision == "tf32" and dtype == torch.float32
-
-    def sweep_into(segment, hinv_block, prune_mask, scale, zero, segment_groupsize, losses):
-        q, err, loss, _ = sparsegpt_sweep(segment, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero,
-                                          segment_groupsize)
-        segment.copy_(q)
-        losses += loss
-        return err
-
-    def lazy_update(rest, err, hinv_rows):
-        if tf32:
-            rest -= round_to_tf32(err) @ round_to_tf32(hinv_rows)
-        else:
-            rest -= err @ hinv_rows
-
-    width = _sweep_width(blocksize, prune_m, groupsize if bits else 0)
-    return blocked_prune(weight.to(dtype, copy=True), hinv_upper.to(dtype), sparsity, prune_n, blocksize, bits,
-                         groupsize, width, tensor_mask, sweep_into, lazy_update)
-
-
-def blocked_prune(w_all, hinv, sparsity, prune_n, blocksize, bits, groupsize, width, select_mask, sweep_into,
-                  lazy_update):
-    """The layer loop of SparseGPT, shared by the reference and the fused kernels: segments of ``width`` columns,
-    the adaptive mask per ``blocksize`` block, the quantization grids, the lazy update after each segment.
-
-    w_all [rows, cols] (a private copy, pruned in place) and hinv in the compute dtype. The implementation
-    supplies: select_mask(scores, k), the exact k smallest of a block; sweep_into(segment, hinv_block,
-    prune_mask, scale, zero, segment_groupsize, losses), which sweeps a segment in place (q into the segment view,
-    its loss added to losses, group grids written into the scale/zero views) and returns its err [rows, width];
-    lazy_update(rest, err, hinv_rows), rest -= err @ hinv_rows in place. Returns (w_all, losses, scales, zeros).
-    """
-    rows, cols = w_all.shape
+    w = weight.to(dtype, copy=True)
+    hinv = hinv_upper.to(dtype)
+    rows, cols = w.shape
     ngroups = 0 if not bits else (1 if not groupsize else -(-cols // groupsize))
-    scales = torch.zeros(rows, ngroups, dtype=w_all.dtype, device=w_all.device)
+    scales = torch.zeros(rows, ngroups, dtype=dtype, device=w.device)
     zeros = torch.zeros_like(scales)
     if bits and not groupsize:
-        scales[:, 0], zeros[:, 0] = minmax_params(w_all, bits)
-    losses = torch.zeros(rows, dtype=w_all.dtype, device=w_all.device)
+        scales[:, 0], zeros[:, 0] = minmax_params(w, bits)
+    losses = torch.zeros(rows, dtype=dtype, device=w.device)
     diag = torch.diagonal(hinv)
-    block_mask = None
-    for i1 in range(0, cols, width):
-        i2 = min(i1 + width, cols)
-        b1 = i1 - i1 % blocksize  # the mask block this sweep segment belongs to
-        if not prune_n and i1 == b1:
-            # Adaptive mask: chosen when a block starts, from weights with every earlier update applied.
-            b2 = min(b1 + blocksize, cols)
-            scores = w_all[:, b1:b2].square() / diag[b1:b2].square()
-            block_mask = select_mask(scores, prune_count(scores.numel(), sparsity))
-        prune_mask = None if prune_n else block_mask[:, i1 - b1 : i2 - b1]
-        scale = zero = None
-        segment_groupsize = 0
-        if bits and not groupsize:
-            scale, zero = scales, zeros
-        elif bits and groupsize >= width:
-            # The group starts at a segment start, where every column to its right is up to date; later
-            # segments of the same group reuse its grid.
-            g = i1 // groupsize
-            if i1 % groupsize == 0:
-                scales[:, g], zeros[:, g] = minmax_params(w_all[:, i1 : i1 + groupsize], bits)
-            scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
-        elif bits:  # groups inside the segment: the sweep computes their grids into these views
-            g0, g1 = i1 // groupsize, -(-i2 // groupsize)
-            scale, zero = scales[:, g0:g1], zeros[:, g0:g1]
-            segment_groupsize = groupsize
-        err = sweep_into(w_all[:, i1:i2], hinv[i1:i2, i1:i2], prune_mask, scale, zero, segment_groupsize, losses)
-        lazy_update(w_all[:, i2:], err, hinv[i1:i2, i2:])  # the lazy batch update
-    return w_all, losses, scales, zeros
+    width = _sweep_width(blocksize, prune_m, groupsize if bits else 0)  # divides blocksize
+    for b1 in range(0, cols, blocksize):
+        b2 = min(b1 + blocksize, cols)
+        block_mask = None
+        if not prune_n:  # adaptive mask: the block's scores once every earlier column's update has reached it
+            scores = w[:, b1:b2].square() / diag[b1:b2].square()
+            block_mask = tensor_mask(scores, prune_count(scores.numel(), sparsity))
+        for i1 in range(b1, b2, width):
+            i2 = min(i1 + width, b2)
+            prune_mask = None if prune_n else block_mask[:, i1 - b1 : i2 - b1]
+            scale, zero, sweep_groupsize = (scales, zeros, 0) if bits else (None, None, 0)
+            if bits and groupsize >= width:  # the group's grid, taken where the group starts
+                g = i1 // groupsize
+                if i1 % groupsize == 0:
+                    scales[:, g], zeros[:, g] = minmax_params(w[:, i1 : i1 + groupsize], bits)
+                scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
+            elif bits and groupsize:  # groups inside the segment: the sweep computes their grids in place
+                g0, g1 = i1 // groupsize, -(-i2 // groupsize)
+                scale, zero, sweep_groupsize = scales[:, g0:g1], zeros[:, g0:g1], groupsize
+            q, err, loss, _ = sparsegpt_sweep(w[:, i1:i2], hinv[i1:i2, i1:i2], prune_mask, prune_n, prune_m, bits,
+                                              scale, zero, sweep_groupsize)
+            w[:, i1:i2] = q
+            losses += loss
+            if tf32:  # the lazy batch update of every column right of the segment
+                w[:, i2:] -= round_to_tf32(err) @ round_to_tf32(hinv[i1:i2, i2:])
+            else:
+                w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return w, losses, scales, zeros
