@@ -70,3 +70,16 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def tiny_llama_checkpoint(folder, layers: int = 2):
+    """A random 32-wide Llama (untied head, grouped KV heads) saved with a character tokenizer; returns the folder."""
+    from conftest import _make_char_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=129, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
+    _make_char_tokenizer().save_pretrained(folder)
+    return folder

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _make_char_tokenizer
+from checks import tiny_llama_checkpoint
 from safetensors.torch import load_file
 
 from sparsekern.distributed import assign_owners, linear_cost, split_batches
@@ -71,17 +71,6 @@ def _launch(world: int, *args, kill: tuple[int, str] | None = None, timeout: flo
             p.kill()
 
 
-def _source(folder: Path, layers: int = 2) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=129, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
-    _make_char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -103,7 +92,7 @@ def _assert_same_model(got: dict, expected: dict, atol: float) -> None:
 def test_two_ranks_prune_like_one_process(tmp_path, text_file, method, sparsity, atol):
     """wanda: identical masks and weights; sparsegpt: identical masks, weights within fp32 rounding (the Hessians
     are sums over the ranks in another order)."""
-    source = _source(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src")
     options = dict(method=method, sparsity=sparsity, calib=str(text_file), nsamples=4, seqlen=16, batch_size=2,
                    progress=False, device="cpu")
     prune_checkpoint(source, tmp_path / "one", **options)
@@ -119,7 +108,7 @@ def test_two_ranks_prune_like_one_process(tmp_path, text_file, method, sparsity,
 
 
 def test_a_killed_rank_stops_the_job_with_its_name_and_layer_and_a_rerun_resumes(tmp_path, text_file):
-    source = _source(tmp_path / "src", layers=3)
+    source = tiny_llama_checkpoint(tmp_path / "src", layers=3)
     args = [source, "--method", "sparsegpt", "--calib", text_file, *CALIBRATION, "--quiet", "--out", tmp_path / "out"]
     results = _launch(2, *args, kill=(1, "model.layers.1."))
     (code0, _, err0), (code1, _, _) = results
@@ -144,7 +133,7 @@ def test_python_api_inside_a_process_group_gives_every_rank_the_pruned_model(tmp
     import sparsekern
     from sparsekern.models import load_model
 
-    source = _source(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src")
     results = _launch(2, "--api", tmp_path / "pruned", source, text_file, method)
     assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
     model, tokenizer = load_model(source, dtype="float32")
@@ -157,7 +146,7 @@ def test_python_api_inside_a_process_group_gives_every_rank_the_pruned_model(tmp
 
 @pytest.mark.slow
 def test_an_allocation_fitted_on_all_samples_is_refused_distributed(tmp_path, text_file):
-    source = _source(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src")
     results = _launch(2, source, "--method", "wanda", "--allocation", "owl", "--no-stream", "--calib", text_file,
                       *CALIBRATION, "--quiet", "--out", tmp_path / "out")
     for code, _, err in results:

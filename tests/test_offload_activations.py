@@ -9,6 +9,7 @@ from collections.abc import MutableSequence
 
 import pytest
 import torch
+from checks import run_cli, tiny_llama_checkpoint
 
 from sparsekern import offload
 from sparsekern.offload import DiskActivations, OffloadError
@@ -245,23 +246,11 @@ def test_cuda_round_trip(tmp_path):
 # -- the pipeline with --offload-activations ------------------------------------------------------------------------
 
 
-def _tiny_source(folder, layers=3):
-    from conftest import _make_char_tokenizer
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=129, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
-    _make_char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_pruning_with_activations_on_disk_gives_the_same_weights(tmp_path, text_file):
     import sparsekern
     from sparsekern.models import load_model
 
-    source = _tiny_source(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src")
     results = []
     for offload_dir in (None, tmp_path / "acts"):
         if offload_dir is not None:
@@ -276,8 +265,6 @@ def test_pruning_with_activations_on_disk_gives_the_same_weights(tmp_path, text_
 
 
 def test_a_missing_activation_folder_fails_before_the_model_loads(capsys, tmp_path, text_file):
-    from checks import run_cli
-
     code, _, stderr = run_cli(capsys, "prune", tmp_path / "no-model", "--offload-activations", tmp_path / "missing",
                               "--calib", text_file, "--out", tmp_path / "out")
     assert code == 2 and "--offload-activations" in stderr and str(tmp_path / "missing") in stderr, stderr
@@ -287,11 +274,9 @@ def test_an_interrupted_offloaded_run_resumes_by_replaying_the_finished_layers(c
                                                                                 interrupt_at):
     """The resume state holds no activations with --offload-activations: the rerun rebuilds them by running the
     recorded layers again, and ends with the uninterrupted run's checkpoint."""
-    from checks import run_cli
-
     from sparsekern.prune.sparsegpt import SparseGPT
 
-    source = _tiny_source(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src")
     (tmp_path / "acts").mkdir()
     common = ["--method", "sparsegpt", "--calib", text_file, "--nsamples", 4, "--seqlen", 16, "--batch-size", 2,
               "--quiet", "--offload-activations", tmp_path / "acts"]
