@@ -4,6 +4,7 @@ MASTER_PORT come from the environment, as torchrun sets them).
     python tests/rank_runner.py PRUNE_ARGS...                  # a plain rank
     python tests/rank_runner.py --kill-at PREFIX PRUNE_ARGS...  # SIGKILL this process as it starts pruning the
                                                                 # first linear whose name starts with PREFIX
+    python tests/rank_runner.py --hang-at PREFIX PRUNE_ARGS...  # sleep there for an hour instead
     python tests/rank_runner.py --api OUT SOURCE CALIB METHOD   # sparsekern.prune on the model in memory, inside
                                                                 # a Gloo group this script joins; OUT.RANK.safetensors
 """
@@ -11,24 +12,27 @@ MASTER_PORT come from the environment, as torchrun sets them).
 import os
 import signal
 import sys
+import time
 
 
 def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["--api"]:
         return _api(*argv[1:])
-    if argv[:1] == ["--kill-at"]:
-        prefix, argv = argv[1], argv[2:]
+    if argv[:1] in (["--kill-at"], ["--hang-at"]):
+        hang, prefix, argv = argv[0] == "--hang-at", argv[1], argv[2:]
         from sparsekern import pipeline
 
         original = pipeline._prune_linear
 
-        def killed(method, linear, prepared, pattern, where, *args):
-            if where.startswith(prefix):
-                os.kill(os.getpid(), signal.SIGKILL)  # mid-layer: the other ranks wait for this one's weights
+        def stopped(method, linear, prepared, pattern, where, *args):
+            if where.startswith(prefix):  # mid-layer: the other ranks wait for this one's weights
+                if hang:
+                    time.sleep(3600)
+                os.kill(os.getpid(), signal.SIGKILL)
             return original(method, linear, prepared, pattern, where, *args)
 
-        pipeline._prune_linear = killed
+        pipeline._prune_linear = stopped
     from sparsekern.cli import main as cli
 
     return cli(["prune", *argv])

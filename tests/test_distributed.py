@@ -52,19 +52,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, *args, kill: tuple[int, str] | None = None, timeout: float = 300) -> list:
-    """[(returncode, stdout, stderr)] of ``world`` ranks of tests/rank_runner.py ARGS (``kill``: (rank, prefix))."""
+def _launch(world: int, *args, kill: tuple[int, str] | None = None, hang: tuple[int, str] | None = None,
+            timeout: float = 300) -> list:
+    """[(returncode, stdout, stderr)] of ``world`` ranks of tests/rank_runner.py ARGS (``kill``/``hang``: (rank, where
+    that rank is SIGKILLed / sleeps))."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "SPARSEKERN_BACKEND": "torch", "HF_HUB_OFFLINE": "1"}
-        killed = ["--kill-at", kill[1]] if kill is not None and kill[0] == rank else []
+        killed = ["--kill-at", kill[1]] if kill is not None and kill[0] == rank else \
+            ["--hang-at", hang[1]] if hang is not None and hang[0] == rank else []
         procs.append(subprocess.Popen([sys.executable, str(RUNNER), *killed, *map(str, args)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
+        outputs = [procs[0].communicate(timeout=timeout)]  # rank 0 ends, even when another hangs
+        for p in procs[1:]:
+            try:
+                outputs.append(p.communicate(timeout=timeout if hang is None else 10))
+            except subprocess.TimeoutExpired:  # the hung rank itself: nothing ends its sleep
+                p.kill()
+                outputs.append(p.communicate())
         return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
     finally:
         for p in procs:
@@ -152,3 +161,12 @@ def test_an_allocation_fitted_on_all_samples_is_refused_distributed(tmp_path, te
     for code, _, err in results:
         assert code in (1, 2) and ("--allocation owl is not distributed" in err or "rank" in err), err[-2000:]
     assert "FILE.json" in results[0][2]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_job_after_the_timeout_naming_it(tmp_path, text_file):
+    source = tiny_llama_checkpoint(tmp_path / "src")
+    results = _launch(2, source, "--method", "wanda", "--calib", text_file, *CALIBRATION, "--quiet", "--dist-timeout",
+                      20, "--out", tmp_path / "out", hang=(1, "model.layers.1."), timeout=120)
+    code0, _, err0 = results[0]
+    assert code0 == 1 and "rank 1" in err0 and "model.layers.1" in err0 and "--dist-timeout" in err0, err0[-2000:]
