@@ -250,7 +250,7 @@ def test_pruning_with_activations_on_disk_gives_the_same_weights(tmp_path, text_
     import sparsekern
     from sparsekern.models import load_model
 
-    source = tiny_llama_checkpoint(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src", layers=3)
     results = []
     for offload_dir in (None, tmp_path / "acts"):
         if offload_dir is not None:
@@ -276,7 +276,7 @@ def test_an_interrupted_offloaded_run_resumes_by_replaying_the_finished_layers(c
     recorded layers again, and ends with the uninterrupted run's checkpoint."""
     from sparsekern.prune.sparsegpt import SparseGPT
 
-    source = tiny_llama_checkpoint(tmp_path / "src")
+    source = tiny_llama_checkpoint(tmp_path / "src", layers=3)
     (tmp_path / "acts").mkdir()
     common = ["--method", "sparsegpt", "--calib", text_file, "--nsamples", 4, "--seqlen", 16, "--batch-size", 2,
               "--quiet", "--offload-activations", tmp_path / "acts"]

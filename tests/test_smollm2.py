@@ -13,7 +13,12 @@ from sparsekern.eval import perplexity
 from sparsekern.models import load_model
 
 SEQLEN = 256
-EVAL_WINDOWS = 8  # 2048 held-out tokens
+# 1024 held-out tokens for the fast tests. Measured per 256-token window of the first 8 (16 x 256 calibration
+# tokens): SparseGPT 50% beats Wanda 50% in every one by 0.08 to 0.36 nats; over the first 4 windows the
+# perplexities are dense 31.8, SparseGPT 59.1, Wanda 74.6, magnitude 512 (over 8: 33.3, 59.4, 72.9, 530).
+EVAL_WINDOWS = 4
+# The kernel-vs-reference comparisons (slow) keep the 2048 tokens their tolerances were measured on.
+BACKEND_EVAL_WINDOWS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,25 +39,41 @@ def smollm2(smollm2_path, lee_available):
     return model, tokenizer, dense, calibration, held_out, held_out_perplexity(model, held_out)
 
 
-def held_out_perplexity(model, held_out):
-    return perplexity(model, held_out, seqlen=SEQLEN, max_windows=EVAL_WINDOWS, progress=False)["perplexity"]
+def held_out_perplexity(model, held_out, windows=EVAL_WINDOWS):
+    return perplexity(model, held_out, seqlen=SEQLEN, max_windows=windows, progress=False)["perplexity"]
+
+
+def prune_each(smollm2, cases):
+    """{"dense": ..., "<method> <pattern>": held-out perplexity} for whole-model prunes from the dense weights.
+
+    SparseGPT needs the 16 x 256 calibration tokens: with 8 x 256 it gives 71.9 at 50% (Wanda 73.5), too close."""
+    model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
+    results = {"dense": dense_perplexity}
+    try:
+        for method, pattern in cases:
+            model.load_state_dict(dense)
+            report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
+                                      progress=False)
+            assert report.sparsity >= 0.5 - 1e-4
+            assert len(report.linears) == 30 * 7
+            results[f"{method} {pattern}"] = held_out_perplexity(model, held_out)
+    finally:
+        model.load_state_dict(dense)
+    print(results)
+    return results
 
 
 def test_perplexity_ranks_dense_sparsegpt_wanda_magnitude(smollm2):
-    model, tokenizer, dense, calibration, held_out, dense_perplexity = smollm2
-    results = {"dense": dense_perplexity}
-    for method, pattern in [("sparsegpt", "0.5"), ("wanda", "0.5"), ("magnitude", "0.5"), ("sparsegpt", "2:4"),
-                            ("magnitude", "2:4")]:
-        model.load_state_dict(dense)
-        report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
-                                  progress=False)
-        assert report.sparsity >= 0.5 - 1e-4
-        assert len(report.linears) == 30 * 7
-        results[f"{method} {pattern}"] = held_out_perplexity(model, held_out)
-    model.load_state_dict(dense)
-    print(results)
+    results = prune_each(smollm2, [("sparsegpt", "0.5"), ("wanda", "0.5"), ("magnitude", "0.5")])
     assert results["dense"] < results["sparsegpt 0.5"] <= results["wanda 0.5"] < results["magnitude 0.5"], results
-    assert results["sparsegpt 2:4"] < results["magnitude 2:4"], results
+
+
+@pytest.mark.slow
+def test_perplexity_ranks_sparsegpt_over_magnitude_at_2_4(smollm2):
+    """2:4 on the whole model (~3 min; the layer-level 2:4 ranking is in test_prune_quality's fast tests). Over
+    the first 8 windows: SparseGPT 112.6, magnitude 1700."""
+    results = prune_each(smollm2, [("sparsegpt", "2:4"), ("magnitude", "2:4")])
+    assert results["dense"] < results["sparsegpt 2:4"] < results["magnitude 2:4"], results
 
 
 def test_saved_checkpoint_reloads_with_plain_transformers(smollm2, smollm2_path, tmp_path, capsys):
@@ -100,12 +121,12 @@ def prune_with_each_backend(smollm2, method, pattern, overrides=None):
             model.load_state_dict(dense)
             sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calibration,
                              overrides=overrides, progress=False)
-            results[backend] = held_out_perplexity(model, held_out)
+            results[backend] = held_out_perplexity(model, held_out, BACKEND_EVAL_WINDOWS)
     finally:
         sparsekern.set_backend(previous)
         model.load_state_dict(dense)
     print(method, pattern, results)
-    assert results["torch"] != dense_perplexity
+    assert results["torch"] != held_out_perplexity(model, held_out, BACKEND_EVAL_WINDOWS)  # the dense model's
     return results
 
 
