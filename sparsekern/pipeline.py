@@ -370,8 +370,8 @@ class InMemoryLayers:
                 weight_matrix(targets[name][0]).data.copy_(weight)
 
     def load_recorded(self, index: int, layer: nn.Module, targets: Mapping, folder: str) -> None:
-        """Resuming a distributed run: give the loaded layer its recorded pruned weights (in memory, ``restore``
-        already did)."""
+        """Resuming from a state without activations (distributed, offloaded): give the loaded layer its recorded
+        pruned weights before it is replayed (in memory, ``restore`` already did)."""
 
     def release(self, index: int, layer: nn.Module, recorded: bool) -> None:
         """The layer is finished (and recorded, when there is a resume state): in memory, it stays."""

@@ -212,7 +212,8 @@ class StreamedLayers(InMemoryLayers):
         """Resuming: the completed layers stay on disk (their records are the output's shards)."""
 
     def load_recorded(self, index: int, layer: nn.Module, targets: Mapping, folder: str) -> None:
-        """Resuming a distributed run: the pruned weights of a finished layer, from its record (the output's shard)."""
+        """Resuming from a state without activations: a finished layer's pruned weights, from its record (the
+        output's shard)."""
         from safetensors import safe_open
 
         with safe_open(str(Path(folder) / layer_file(index)), framework="pt") as f:
