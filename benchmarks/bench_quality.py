@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quality.py                          # the whole grid: hours on 2 CPU cores
     python benchmarks/bench_quality.py --preset figures         # the issue's figures: best vs SparseGPT per pattern
+    python benchmarks/bench_quality.py --preset headline        # the configurations the README's figures rest on
     python benchmarks/bench_quality.py --models smollm2-135m --patterns 0.7 --methods sparsegpt \\
         --allocations uniform,owl,sensitivity --seeds 0          # any slice
     python benchmarks/bench_quality.py --summary                 # the table of results/quality.csv (no pruning)
@@ -58,6 +59,16 @@ PRESETS = {
         ("0.5", "sparsegpt", "none", "none", "sensitivity"),
         ("0.5", "ria", "obs", "none", "uniform"),
     ],
+    # What the README's figures rest on, run over every seed: SparseGPT against its best measured improvements.
+    "headline": [
+        ("0.7", "sparsegpt", "none", "none", "uniform"),
+        ("0.7", "sparsegpt", "none", "none", "sensitivity"),
+        ("0.7", "sparsegpt", "none", "dsnot", "sensitivity"),
+        ("2:4", "sparsegpt", "none", "none", "uniform"),
+        ("2:4", "sparsegpt", "none", "none", "uniform", True),
+        ("0.5", "sparsegpt", "none", "none", "uniform"),
+        ("0.5", "sparsegpt", "none", "none", "sensitivity"),
+    ],
     "permute": [
         ("2:4", "sparsegpt", "none", "none", "uniform", True),
         ("2:4", "ria", "obs", "none", "uniform", True),
@@ -82,9 +93,21 @@ def grid(args) -> list[tuple]:
     return runs
 
 
+def measured(path: Path = CSV) -> set[tuple]:
+    """The (model, pattern, method, update, refine, allocation, permute, seed, nsamples, seqlen) already in the CSV;
+    sensitivity rows count only when they record their fit windows (older rows fitted on every window)."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {(row["model"], row["pattern"], row["method"], row["update"], row["refine"], row["allocation"],
+                 row.get("permute") == "True", int(row["seed"]), int(row["nsamples"]), int(row["seqlen"]))
+                for row in csv.DictReader(f) if row["allocation"] != "sensitivity" or row.get("fit_windows")}
+
+
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     runs = grid(args)
+    done = measured() if args.skip_measured else set()
     for model_name in args.models.split(","):
         model, tokenizer = load_model(model_name, dtype="float32")
         dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -93,6 +116,9 @@ def run(args) -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             calib = calibration_windows(tokenizer, "lee", nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
             for pattern, method, update, refine, allocation, permute in runs:
+                if (model_name, pattern, method, update, refine, allocation, bool(permute), seed, args.nsamples,
+                        args.seqlen) in done:
+                    continue
                 model.load_state_dict(dense)
                 start = time.perf_counter()
                 report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calib,
@@ -106,7 +132,9 @@ def run(args) -> None:
                        "seqlen": args.seqlen, "eval_tokens": args.eval_windows * (args.seqlen - 1),
                        "perplexity": round(ppl, 4), "sparsity": round(report.sparsity, 5),
                        "prune_s": round(prune_s, 2),
-                       "slope": (report.allocation or {}).get("slope", "")}
+                       "slope": (report.allocation or {}).get("slope", ""),
+                       # the windows the sensitivity fit used (rows without it used every window)
+                       "fit_windows": (report.allocation or {}).get("sensitivity_windows", "")}
                 print(row, flush=True)
                 append_rows("quality", [row], torch.device("cpu"))
         model.load_state_dict(dense)
@@ -160,6 +188,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-measured", action="store_true",
+                        help="leave out the configurations and seeds results/quality.csv already has (a rerun goes on "
+                             "where an interrupted one stopped)")
     parser.add_argument("--summary", action="store_true", help="print the table of results/quality.csv and exit")
     args = parser.parse_args()
     if args.summary:

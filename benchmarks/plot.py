@@ -3,13 +3,15 @@
     python benchmarks/plot.py                      # results/prune.csv -> results/prune.png
     python benchmarks/plot.py --kind gemm          # results/gemm.csv -> results/gemm.png
     python benchmarks/plot.py --kind cholesky      # results/cholesky.csv -> results/cholesky.png
+    python benchmarks/plot.py --kind quality       # results/quality.csv -> results/quality.png
     python benchmarks/plot.py --device H100 --out /tmp/prune.png
 
 prune: one panel per op; bars per (shape, pattern) case, log-scaled milliseconds: reference median, fused
 median, and the floor as a marker. gemm: one panel per (device, dtype, N x K); speedup over dense cuBLAS against
 the batch size M, one line per implementation and weight (2:4, or the bitmap at each sparsity). cholesky: one
-panel per op; the op's speedup over its baseline (three-call, refactor) per case and device. The newest row of
-each case is used. Needs matplotlib (the ``bench`` extra).
+panel per op; the op's speedup over its baseline (three-call, refactor) per case and device. quality: one panel
+per (model, pattern); each configuration's held-out perplexity over SparseGPT's (uniform, same seeds), mean and
+spread over the seeds. The newest row of each case is used. Needs matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -149,9 +151,50 @@ def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
     return save(fig, out)
 
 
+QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # bench_quality's reference configuration
+
+
+def plot_quality(csv_path: Path, out: Path) -> Path:
+    plt = pyplot()
+    newest = newest_rows(
+        csv_path, None,
+        key=lambda row: (row["model"], row["pattern"], row["method"], row["update"], row["refine"],
+                         row["allocation"], "permuted" if row.get("permute") == "True" else "-", row["seed"]))
+    panels = sorted({key[:2] for key in newest})
+    if not panels:
+        raise SystemExit("no quality rows to plot")
+    configs = {panel: sorted({key[2:7] for key in newest if key[:2] == panel}) for panel in panels}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 0.35 * sum(map(len, configs.values())) + 1.2 * len(panels)),
+                             squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        bars = []
+        for config in configs[panel]:
+            ratios = []
+            for key, row in newest.items():
+                base = newest.get((*panel, *QUALITY_BASELINE, key[7]))
+                if key[:7] == (*panel, *config) and base:
+                    ratios.append(float(row["perplexity"]) / float(base["perplexity"]))
+            if ratios:
+                mean = sum(ratios) / len(ratios)
+                spread = (sum((r - mean) ** 2 for r in ratios) / (len(ratios) - 1)) ** 0.5 if len(ratios) > 1 else 0
+                label = " ".join(part for part in config if part not in ("none", "-")) + f" ({len(ratios)})"
+                bars.append((mean, spread, label, config == QUALITY_BASELINE))
+        bars.sort()
+        ax.barh(range(len(bars)), [b[0] for b in bars], xerr=[b[1] for b in bars],
+                color=["tab:gray" if b[3] else "tab:blue" for b in bars])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlim(left=max(0.0, min(b[0] - b[1] for b in bars) - 0.1))  # the differences, not the bars' bulk
+        ax.set_yticks(range(len(bars)))
+        ax.set_yticklabels([b[2] for b in bars], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("perplexity / SparseGPT's (lower is better; seeds in brackets)")
+        ax.set_title(f"{panel[0]} {panel[1]}")
+    return save(fig, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", default="prune", choices=["prune", "gemm", "cholesky"])
+    parser.add_argument("--kind", default="prune", choices=["prune", "gemm", "cholesky", "quality"])
     parser.add_argument("--csv", default=None, help="default: results/<kind>.csv")
     parser.add_argument("--device", default=None, help="only rows whose device name contains this")
     parser.add_argument("--out", default=None, help="default: results/<kind>.png")
@@ -160,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or RESULTS / f"{args.kind}.png")
     if args.kind == "gemm":
         print(f"wrote {plot_gemm(csv_path, args.device, out)}")
+    elif args.kind == "quality":
+        print(f"wrote {plot_quality(csv_path, out)}")
     elif args.kind == "cholesky":
         print(f"wrote {plot_cholesky(csv_path, args.device, out)}")
     else:

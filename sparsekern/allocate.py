@@ -54,7 +54,9 @@ def allocate(model: nn.Module, recipe, pattern: SparsityPattern, calibration: to
         step: Allocation = recipe.allocation
         if calibration is None:
             raise ValueError(f"--allocation {step.name} needs calibration data")
-        passes = _Passes(model, layers_name, layers, allocated, calibration, device, batch_size, progress)
+        windows = step.calibration_windows()
+        passes = _Passes(model, layers_name, layers, allocated, calibration[:windows] if windows else calibration,
+                         device, batch_size, progress)
         context = AllocationContext(pattern.sparsity, weights, passes.layer_scores, passes.calibration_loss)
         with _calibration_mode(model):
             sparsities = step.allocate(context)

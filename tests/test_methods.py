@@ -1,6 +1,7 @@
 """The method registry, RIA, the OBS update on any mask, and layer-wise sparsity allocation, each against an
 oracle written from its formula with plain loops."""
 
+import copy
 import json
 
 import pytest
@@ -203,6 +204,23 @@ def test_allocations_keep_the_exact_average(tiny_llama, char_tokenizer, allocati
     if allocation == "sensitivity":
         losses = record["calibration_losses"]
         assert set(losses) <= set(SENSITIVITY_SLOPES) and record["slope"] == min(losses, key=losses.get)
+
+
+def test_sensitivity_fits_on_its_first_windows_only(tiny_llama, char_tokenizer):
+    """The slope's calibration losses come from the first sensitivity_windows windows (the later ones change
+    nothing), and 0 means every window."""
+    calib = calibration(n=6)
+
+    def losses(model, calib, windows):
+        report = sparsekern.prune(model, char_tokenizer, method="magnitude", sparsity="0.6", calib=calib,
+                                  allocation="sensitivity", sensitivity_windows=windows, progress=False)
+        record = report.to_dict()["allocation"]
+        assert record["sensitivity_windows"] == windows
+        return record["calibration_losses"]
+
+    first_two = losses(copy.deepcopy(tiny_llama), calib, 2)
+    assert first_two == losses(copy.deepcopy(tiny_llama), calib[:2], 0)
+    assert first_two != losses(tiny_llama, calib, 0)
 
 
 def test_allocation_leaves_user_overrides_alone_and_weighs_what_it_prunes(tiny_llama, char_tokenizer):

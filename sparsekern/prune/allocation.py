@@ -12,7 +12,9 @@ gives each step what it asks for:
   linearly with depth, s_i = target + delta * (2 i / (L - 1) - 1); each is tried by pruning with Wanda's masks
   (cheap: one forward pass over the calibration windows per candidate) and scoring the model's loss on the
   calibration windows; the lowest wins. The slopes 0, 0.08 and 0.16 are tried, then the two neighbours (+-0.04) of
-  the best of them. The fixed depth schedule OWL's rule would need is chosen per model.
+  the best of them. The fixed depth schedule OWL's rule would need is chosen per model. The fit runs on the first
+  ``sensitivity_windows`` calibration windows only (its passes are the allocation's whole cost; the pruning itself
+  still uses every window).
 - a JSON file: the user's own map {layer index or name: sparsity}; its weighted average must be the target.
 """
 
@@ -54,6 +56,10 @@ class Allocation(Step):
 
     kind = "allocation"
     needs = frozenset()  # what the driver's dense pass must collect ("norm")
+
+    def calibration_windows(self) -> int:
+        """How many of the calibration windows (the first ones) its passes use; 0: all."""
+        return 0
 
     def allocate(self, context: "AllocationContext") -> list[float]:
         raise NotImplementedError
@@ -110,10 +116,22 @@ def depth_schedule(layers: int, target: float, slope: float, weights: list[float
     return rebalance([target + slope * (2 * i / (layers - 1) - 1) for i in range(layers)], weights, target)
 
 
+@dataclasses.dataclass
+class SensitivityOptions:
+    sensitivity_windows: int = option(
+        4, "sensitivity: the depth slope is fitted on the first this many calibration windows (0: all of them); "
+        "each candidate slope costs one forward pass over them",
+        check=lambda n: None if n >= 0 else "must be 0 (all windows) or a positive count")
+
+
 @register
 class Sensitivity(Allocation):
     name = "sensitivity"
+    Options = SensitivityOptions
     needs = frozenset({"norm"})
+
+    def calibration_windows(self) -> int:
+        return self.opts.sensitivity_windows
 
     def allocate(self, context):
         layers = len(context.weights)
