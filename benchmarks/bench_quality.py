@@ -78,8 +78,8 @@ PRESETS = {
 
 def grid(args) -> list[tuple]:
     """(pattern, method, update, refine, allocation, permute) to run, the invalid combinations left out."""
-    if args.preset:
-        return [(*run, False)[:6] for run in PRESETS[args.preset]]
+    if args.preset:  # its configurations at the --patterns asked for
+        return [(*run, False)[:6] for run in PRESETS[args.preset] if run[0] in args.patterns.split(",")]
     runs = []
     for pattern, method, update, refine, allocation, permute in itertools.product(
             args.patterns.split(","), args.methods.split(","), args.updates.split(","), args.refines.split(","),
