@@ -105,6 +105,31 @@ def test_bench_quality_grid_and_summary(tmp_path):
     uniform = next(line for line in table.splitlines() if "| uniform |" in line)
     assert "**38.90 ± 4.10 (2)**" in owl and "| 0.925 |" in owl  # mean of 36/40 and 41.8/44
     assert "42.00 ± 2.83 (2)" in uniform and "| 1.000 |" in uniform
+    out = tmp_path / "quality.png"
+    assert load("plot").main(["--kind", "quality", "--csv", str(path), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_bench_quality_preset_patterns_and_skip_measured(tmp_path):
+    bench = load("bench_quality")
+    args = bench.argparse.Namespace(preset="headline", patterns="0.7,2:4")
+    runs = bench.grid(args)
+    assert {run[0] for run in runs} == {"0.7", "2:4"} and ("2:4", "sparsegpt", "none", "none", "uniform", True) in runs
+    path = tmp_path / "quality.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["model", "pattern", "method", "update", "refine", "allocation", "permute", "seed",
+                                    "nsamples", "seqlen", "fit_windows"])
+        writer.writeheader()
+        base = {"model": "m", "pattern": "0.7", "method": "sparsegpt", "update": "none", "refine": "none",
+                "nsamples": 16, "seqlen": 256}
+        writer.writerow({**base, "allocation": "uniform", "permute": "", "seed": 0, "fit_windows": ""})
+        writer.writerow({**base, "allocation": "sensitivity", "permute": "False", "seed": 0, "fit_windows": ""})
+        writer.writerow({**base, "allocation": "sensitivity", "permute": "False", "seed": 1, "fit_windows": 4})
+    done = bench.measured(path)
+    assert ("m", "0.7", "sparsegpt", "none", "none", "uniform", False, 0, 16, 256) in done
+    # a sensitivity row from before the fit windows were recorded is measured again
+    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, 0, 16, 256) not in done
+    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, 1, 16, 256) in done
 
 
 def read(path):
