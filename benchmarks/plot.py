@@ -154,12 +154,19 @@ def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
 QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # bench_quality's reference configuration
 
 
+def sensitivity_windows(row: dict) -> str:
+    """bench_quality's allocation label: a sensitivity fit with its windows ("sensitivity/4")."""
+    if row["allocation"] != "sensitivity":
+        return row["allocation"]
+    return f"sensitivity/{row.get('fit_windows') or row.get('nsamples') or 'all'}"
+
+
 def plot_quality(csv_path: Path, out: Path) -> Path:
     plt = pyplot()
     newest = newest_rows(
         csv_path, None,
         key=lambda row: (row["model"], row["pattern"], row["method"], row["update"], row["refine"],
-                         row["allocation"], "permuted" if row.get("permute") == "True" else "-", row["seed"]))
+                         sensitivity_windows(row), "permuted" if row.get("permute") == "True" else "-", row["seed"]))
     panels = sorted({key[:2] for key in newest})
     if not panels:
         raise SystemExit("no quality rows to plot")
