@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_rows  # noqa: E402
+from plot import QUALITY_BASELINE as BASELINE, quality_config  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern.data import calibration_windows, eval_tokens, window_bos  # noqa: E402
@@ -38,7 +39,6 @@ from sparsekern.models import load_model  # noqa: E402
 from sparsekern.patterns import SparsityPattern  # noqa: E402
 
 CSV = RESULTS / "quality.csv"
-BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # method, update, refine, allocation, permute
 
 # The figures of issue 12: per pattern, SparseGPT against the improvements most likely to beat it.
 PRESETS = {
@@ -141,13 +141,6 @@ def run(args) -> None:
         del model
 
 
-def allocation_label(row: dict) -> str:
-    """The allocation, with the windows a sensitivity fit used ("sensitivity/4"; older rows used all of them)."""
-    if row["allocation"] != "sensitivity":
-        return row["allocation"]
-    return f"sensitivity/{row.get('fit_windows') or row.get('nsamples') or 'all'}"
-
-
 def summary(path: Path = CSV) -> str:
     """A markdown table: mean (spread) perplexity over seeds per configuration, its ratio to SparseGPT's on the same
     seeds, and the prune time; the best configuration of each model and pattern in bold."""
@@ -155,8 +148,7 @@ def summary(path: Path = CSV) -> str:
         rows = list(csv.DictReader(f))
     groups: dict[tuple, dict[int, tuple[float, float]]] = {}
     for row in rows:
-        key = (row["model"], row["pattern"], row["method"], row["update"], row["refine"], allocation_label(row),
-               "permuted" if row.get("permute") == "True" else "-")
+        key = quality_config(row)
         groups.setdefault(key, {})[int(row["seed"])] = (float(row["perplexity"]), float(row["prune_s"]))
     lines = ["| model | pattern | method | update | refine | allocation | permute | perplexity (seeds) | vs SparseGPT "
              "| prune s |", "|---|---|---|---|---|---|---|---|---|---|"]

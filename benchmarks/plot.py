@@ -151,22 +151,25 @@ def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
     return save(fig, out)
 
 
-QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # bench_quality's reference configuration
+QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # method, update, refine, allocation, permute
 
 
-def sensitivity_windows(row: dict) -> str:
-    """bench_quality's allocation label: a sensitivity fit with its windows ("sensitivity/4")."""
-    if row["allocation"] != "sensitivity":
-        return row["allocation"]
-    return f"sensitivity/{row.get('fit_windows') or row.get('nsamples') or 'all'}"
+def quality_config(row: dict) -> tuple:
+    """A quality.csv row's (model, pattern, method, update, refine, allocation, permute); a sensitivity fit is
+    labelled with its windows ("sensitivity/4"; rows without the column fitted on all of them). bench_quality's
+    summary groups by it too."""
+    allocation = row["allocation"]
+    if allocation == "sensitivity":
+        allocation = f"sensitivity/{row.get('fit_windows') or row.get('nsamples') or 'all'}"
+    return (row["model"], row["pattern"], row["method"], row["update"], row["refine"], allocation,
+            "permuted" if row.get("permute") == "True" else "-")
 
 
 def plot_quality(csv_path: Path, out: Path) -> Path:
     plt = pyplot()
     newest = newest_rows(
         csv_path, None,
-        key=lambda row: (row["model"], row["pattern"], row["method"], row["update"], row["refine"],
-                         sensitivity_windows(row), "permuted" if row.get("permute") == "True" else "-", row["seed"]))
+        key=lambda row: (*quality_config(row), row["seed"]))
     panels = sorted({key[:2] for key in newest})
     if not panels:
         raise SystemExit("no quality rows to plot")

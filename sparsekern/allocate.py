@@ -152,16 +152,19 @@ class _Passes:
                     sample = self._inputs[1][0][0](self.layers[0], self._inputs[0][0])
                 self._tensor_output = isinstance(sample, torch.Tensor)
             current["tensor_output"] = self._tensor_output
+            # the head runs on the scored positions only where the forward takes logits_to_keep
+            keep_logits = _accepts(self.model, "logits_to_keep")
+            extra = _no_cache_kwargs(self.model)
             with _swapped_forwards(self.layers, make_forward):
                 for batch, hidden in zip(self.batches, final):
                     current["hidden"] = hidden
                     batch = batch.to(self.device)
                     # every HEAD_STRIDE-th position, the last one included (positions whose next token is known)
                     keep = torch.arange(batch.shape[1] - 2, -1, -HEAD_STRIDE, device=self.device).flip(0)
-                    if _accepts(self.model, "logits_to_keep"):  # the head then runs on those positions only
-                        logits = self.model(batch, logits_to_keep=keep, **_no_cache_kwargs(self.model)).logits
+                    if keep_logits:
+                        logits = self.model(batch, logits_to_keep=keep, **extra).logits
                     else:
-                        logits = self.model(batch, **_no_cache_kwargs(self.model)).logits[:, keep]
+                        logits = self.model(batch, **extra).logits[:, keep]
                     targets = batch[:, keep + 1]
                     loss = torch.nn.functional.cross_entropy(
                         logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
