@@ -91,10 +91,10 @@ def calibration_hessian(cols: int, device: torch.device, tokens: int) -> torch.T
 
 
 def implementations(op: str) -> dict:
-    """{"reference": the PyTorch loop, "fused": the Triton launcher} for one op."""
+    """{"reference": the PyTorch loop, "fused": the kernel launcher (ops._KERNEL_MODULES)} for one op."""
     from sparsekern import ops, reference
 
-    module = importlib.import_module(f"sparsekern.triton_kernels.{ops._KERNEL_MODULES[op]}")
+    module = importlib.import_module(f"sparsekern.{ops._KERNEL_MODULES[op]}")
     return {"reference": getattr(reference, op), "fused": getattr(module, op)}
 
 

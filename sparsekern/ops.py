@@ -3,9 +3,11 @@
 Other libraries call these on their own tensors; the pruning algorithms in ``sparsekern.prune`` call nothing
 else. Each op dispatches by backend (``sparsekern.backend``) to a compiled or interpreted Triton kernel, a native
 op, or the pure-PyTorch reference in ``sparsekern.reference``. ``_KERNEL_MODULES`` names the module of
-``sparsekern.triton_kernels`` that holds each op's launcher (same name, same signature as the reference); it is
-imported on first use, so Triton is only loaded once a kernel backend is chosen. An op with no kernel, or a
-tensor the active backend cannot run on, runs the reference. The Cholesky family (hinv_cholesky, cholesky_update,
+``sparsekern`` that holds each op's launcher (same name, same signature as the reference): a module of
+``triton_kernels``, or for the whole-layer ``sparsegpt_prune`` the production loop that drives those kernels
+(``prune.sparsegpt_loop``; kernel modules import nothing from above them). It is imported on first use, so Triton
+is only loaded once a kernel backend is chosen. An op with no kernel, or a tensor the active backend cannot run on
+(another device; fp64 for the SparseGPT kernels), runs the reference. The Cholesky family (hinv_cholesky, cholesky_update,
 cholesky_delete) is native C++/CUDA from ``sparsekern._C`` on every backend when it is built, else the reference.
 
 Conventions: weights are [rows, cols] = [out_features, in_features]; masks are bool, True where pruned; N:M
@@ -24,31 +26,33 @@ from . import _native, reference
 from .backend import backend_for
 from .reference import NotPositiveDefiniteError
 
-# op name -> module of sparsekern.triton_kernels with a launcher of that name (the reference's signature).
+# op name -> module of sparsekern with a launcher of that name (the reference's signature).
 _KERNEL_MODULES: dict[str, str] = {
-    "nm_mask": "wanda",
-    "wanda_prune": "wanda",
-    "magnitude_prune": "select",
-    "topk_mask": "select",
-    "hessian_update": "stats",
-    "sumsq_update": "stats",
-    "sparsegpt_sweep": "sparsegpt_sweep",
-    "sparsegpt_prune": "sparsegpt_sweep",
-    "compress_24": "sparse24",
-    "decompress_24": "sparse24",
-    "sparse24_linear": "sparse24_gemm",
-    "compress_bitmap": "bitmap",
-    "decompress_bitmap": "bitmap",
-    "bitmap_linear": "bitmap_gemm",
+    "nm_mask": "triton_kernels.wanda",
+    "wanda_prune": "triton_kernels.wanda",
+    "magnitude_prune": "triton_kernels.select",
+    "topk_mask": "triton_kernels.select",
+    "hessian_update": "triton_kernels.stats",
+    "sumsq_update": "triton_kernels.stats",
+    "sparsegpt_sweep": "triton_kernels.sparsegpt_sweep",
+    "sparsegpt_prune": "prune.sparsegpt_loop",
+    "compress_24": "triton_kernels.sparse24",
+    "decompress_24": "triton_kernels.sparse24",
+    "sparse24_linear": "triton_kernels.sparse24_gemm",
+    "compress_bitmap": "triton_kernels.bitmap",
+    "decompress_bitmap": "triton_kernels.bitmap",
+    "bitmap_linear": "triton_kernels.bitmap_gemm",
 }
+# ops whose kernels take fp32/fp16/bf16 only (an fp64 tensor runs the reference)
+_NO_FP64_KERNEL = frozenset({"sparsegpt_sweep", "sparsegpt_prune"})
 
 
 def _implementation(op: str, tensor: torch.Tensor) -> Callable:
     """The launcher that runs ``op`` on ``tensor``'s device under the active backend, else the reference."""
     backend = backend_for(tensor)
-    if op not in _KERNEL_MODULES or backend == "torch":
+    if op not in _KERNEL_MODULES or backend == "torch" or (op in _NO_FP64_KERNEL and tensor.dtype == torch.float64):
         return getattr(reference, op)
-    launcher = getattr(importlib.import_module(f"sparsekern.triton_kernels.{_KERNEL_MODULES[op]}"), op)
+    launcher = getattr(importlib.import_module(f"sparsekern.{_KERNEL_MODULES[op]}"), op)
     if backend == "cuda" and tensor.device.index not in (None, torch.cuda.current_device()):
         # Triton launches on the current device; make it the tensor's (e.g. a layer pruned on cuda:1).
         return functools.partial(_on_device, launcher, tensor.device)
@@ -220,6 +224,7 @@ def sparsegpt_prune(
     lazy update GEMM's operands, "ieee" (fp32) or "tf32" (tensor cores; emulated by rounding on the reference).
     """
     _check_pattern(weight, sparsity, prune_n, prune_m)
+    reference.sparsegpt.check_blocking(blocksize, prune_m, bits, groupsize)
     if hinv_upper.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hinv_upper has shape {tuple(hinv_upper.shape)}, expected {(weight.shape[1],) * 2}")
     if lazy_precision not in reference.sparsegpt.LAZY_PRECISIONS:

@@ -105,7 +105,7 @@ def test_lazy_update(device, precision, tolerance):
 
 def test_sparsegpt_prune_blocks_and_segments(device):
     """The whole-layer op: radix-selected block masks, sweeps in segments, lazy updates between blocks."""
-    from sparsekern.triton_kernels.sparsegpt_sweep import sparsegpt_prune
+    from sparsekern.prune.sparsegpt_loop import sparsegpt_prune
 
     weight = randn(70, 300, seed=5, dtype=torch.float16, device=device)
     upper = hinv_upper(300, device)

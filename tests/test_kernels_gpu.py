@@ -34,7 +34,7 @@ def hinv_upper(cols, tokens=4096):
 @pytest.mark.parametrize("rows, cols", [(777, 512), (1024, 1536)])
 @pytest.mark.parametrize("pattern, wbits, groupsize", [(0.5, 0, 0), ((2, 4), 0, 0), ((2, 4), 4, 0), (0.5, 3, 128)])
 def test_sparsegpt_prune(rows, cols, pattern, wbits, groupsize):
-    from sparsekern.triton_kernels.sparsegpt_sweep import sparsegpt_prune
+    from sparsekern.prune.sparsegpt_loop import sparsegpt_prune
 
     upper, _ = hinv_upper(cols)
     weight = cuda_randn(rows, cols, seed=4, dtype=torch.float16)

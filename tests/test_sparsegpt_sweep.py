@@ -6,6 +6,7 @@ import torch
 from checks import assert_close, assert_mask, check_nm_selection, group_has_ties
 
 from sparsekern import ops, reference
+from sparsekern.prune import sparsegpt_loop
 from sparsekern.triton_kernels import select, sparsegpt_sweep
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -31,7 +32,7 @@ def weights(rows, cols, dtype, seed=1):
 def test_ops_reach_the_kernels(interpret):
     w = torch.randn(4, 16)
     assert ops._implementation("sparsegpt_sweep", w) is sparsegpt_sweep.sparsegpt_sweep
-    assert ops._implementation("sparsegpt_prune", w) is sparsegpt_sweep.sparsegpt_prune
+    assert ops._implementation("sparsegpt_prune", w) is sparsegpt_loop.sparsegpt_prune
     assert ops._implementation("magnitude_prune", w) is select.magnitude_prune
 
 
@@ -145,11 +146,11 @@ def test_layer_fp64_runs_the_reference(interpret):
 
 
 def test_segment_width_tiles_blocks_and_groups():
-    assert sparsegpt_sweep._segment_width(128, 4, 0) == 128
-    assert sparsegpt_sweep._segment_width(512, 0, 0) == 128
-    assert sparsegpt_sweep._segment_width(100, 4, 20) == 100
-    assert sparsegpt_sweep._segment_width(384, 0, 256) == 128
-    width = sparsegpt_sweep._segment_width(1000, 8, 0)
+    assert sparsegpt_loop.segment_width(128, 4, 0) == 128
+    assert sparsegpt_loop.segment_width(512, 0, 0) == 128
+    assert sparsegpt_loop.segment_width(100, 4, 20) == 100
+    assert sparsegpt_loop.segment_width(384, 0, 256) == 128
+    width = sparsegpt_loop.segment_width(1000, 8, 0)
     assert 1000 % width == 0 and width % 8 == 0 and width <= 128
 
 

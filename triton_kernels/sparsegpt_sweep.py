@@ -10,12 +10,11 @@ that [BLOCK_R, block] tile of W in registers while it walks the columns i = 0, 1
 U's rows are read from global memory (they are shared by every program, so they stay in L2). The program
 writes Q, Err (for the lazy update), the mask and the loss. Same math as ``reference.sparsegpt_sweep``.
 
-``sparsegpt_prune`` (whole layer; the loop is ``sparsekern.prune.sparsegpt_loop.blocked_prune`` with these
-kernels plugged in, checked against ``reference.sparsegpt_prune``, which has its own loop): per ``blocksize``
-block the adaptive unstructured mask is the k smallest scores of the block (``select.lowest_k_mask``: a radix
-select, no sort), then the block is swept in segments of at most 128 columns; after each segment one GEMM
-brings every column right of it up to date, W[:, i2:] -= Err @ U[i1:i2, i2:] (``_lazy_update_kernel``), in fp32
-("ieee", exact) or TF32 ("tf32").
+``sweep_segment`` is the same launch writing into caller-owned buffers (Q into the segment itself, the loss
+accumulated); ``lazy_update`` is the batched update W[:, i2:] -= Err @ U[i1:i2, i2:] after a segment, one GEMM in
+fp32 ("ieee", exact) or TF32 ("tf32"). The whole-layer op ``sparsegpt_prune`` is the production loop
+``sparsekern.prune.sparsegpt_loop`` with these launchers and ``select.lowest_k_mask`` plugged in; this module
+holds kernels and launchers only.
 """
 
 from __future__ import annotations
@@ -24,19 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsekern import reference
-from sparsekern.prune.sparsegpt_loop import blocked_prune
-from sparsekern.reference.sparsegpt import check_blocking
-
 from ._outputs import new_output
-from .select import lowest_k_mask
 
 # The interpreter pays per operation and per program, not per register, so it runs big tiles: rows per sweep
 # program, and (rows, columns, inner) tiles of the lazy update. Tests shrink them to cover several programs.
 INTERPRETER_SWEEP_ROWS = 1024
 INTERPRETER_LAZY_TILES = (256, 256, 128)
 MAX_SWEEP_COLUMNS = 256  # the register tile of a program is [BLOCK_R, next_power_of_2(columns)]
-SEGMENT_COLUMNS = 128  # sweep width inside the whole-layer op
 
 
 @triton.jit
@@ -161,8 +154,10 @@ def _lazy_update_kernel(
     tl.store(w_ptrs, tl.load(w_ptrs, mask=tile_ok, other=0.0) - acc, mask=tile_ok)
 
 
-def _launch_sweep(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, groupsize,
+def sweep_segment(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, groupsize,
                   q, err, mask, loss, add_loss):
+    """One sweep launch into the given outputs (q may be ``block`` itself: each program reads its tile before it
+    writes it); ``add_loss`` adds the loss into ``loss`` instead of overwriting it."""
     rows, cols = block.shape
     block_b = max(16, triton.next_power_of_2(cols))
     # Small row tiles on a GPU give every SM programs to run (4096 rows -> 256 programs) and keep the three
@@ -191,11 +186,8 @@ def _launch_sweep(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, 
 def sparsegpt_sweep(block, hinv_block, prune_mask=None, prune_n=0, prune_m=0, bits=0, scale=None, zero=None,
                     groupsize=0):
     """Fused version of ``reference.sparsegpt_sweep`` (same arguments and results; block of at most 256 columns,
-    fp32/fp16/bf16; fp64 runs the reference)."""
+    fp32/fp16/bf16: ``ops`` sends fp64 to the reference)."""
     rows, cols = block.shape
-    if block.dtype == torch.float64:
-        return reference.sparsegpt_sweep(block, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero,
-                                         groupsize)
     if cols > MAX_SWEEP_COLUMNS:
         raise ValueError(f"a fused sweep takes at most {MAX_SWEEP_COLUMNS} columns, got {cols}; sweep wider "
                          "blocks in segments with lazy updates between them, as sparsegpt_prune does")
@@ -204,7 +196,7 @@ def sparsegpt_sweep(block, hinv_block, prune_mask=None, prune_n=0, prune_m=0, bi
     err = new_output((rows, cols), torch.float32, device)
     mask = new_output((rows, cols), torch.bool, device)
     loss = new_output((rows,), torch.float32, device)
-    _launch_sweep(block, hinv_block.float(), prune_mask, prune_n, prune_m, bits, scale, zero, groupsize,
+    sweep_segment(block, hinv_block.float(), prune_mask, prune_n, prune_m, bits, scale, zero, groupsize,
                   q, err, mask, loss, add_loss=False)
     return q, err, loss, mask
 
@@ -225,40 +217,3 @@ def lazy_update(weight: torch.Tensor, err: torch.Tensor, hinv_rows: torch.Tensor
         rows, cols, err.shape[1],
         INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
-
-
-def _segment_width(blocksize: int, prune_m: int, groupsize: int) -> int | None:
-    """The widest sweep segment (<= SEGMENT_COLUMNS) that tiles the mask blocks, the N:M groups and the
-    quantization groups; None if there is none."""
-    for width in range(min(blocksize, SEGMENT_COLUMNS), 0, -1):
-        if blocksize % width or (prune_m and width % prune_m):
-            continue
-        if groupsize and width % groupsize and groupsize % width:
-            continue
-        return width
-    return None
-
-
-def sparsegpt_prune(weight, hinv_upper, sparsity, prune_n=0, prune_m=0, blocksize=128, bits=0, groupsize=0,
-                    lazy_precision="ieee"):
-    """Fused version of ``reference.sparsegpt_prune`` (same arguments and results)."""
-    check_blocking(blocksize, prune_m, bits, groupsize)
-    width = _segment_width(blocksize, prune_m, groupsize if bits else 0)
-    if weight.dtype == torch.float64 or width is None:
-        return reference.sparsegpt_prune(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize,
-                                         lazy_precision)
-    rows, cols = weight.shape
-    w_all = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
-    w_all.copy_(weight)
-    err = torch.empty(rows, width, dtype=torch.float32, device=weight.device)
-    mask = torch.empty(rows, width, dtype=torch.bool, device=weight.device)
-
-    def sweep_into(segment, hinv_block, prune_mask, scale, zero, segment_groupsize, losses):
-        columns = segment.shape[1]  # the last segment may be narrower
-        _launch_sweep(segment, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, segment_groupsize,
-                      segment, err[:, :columns], mask[:, :columns], losses, add_loss=True)
-        return err[:, :columns]
-
-    return blocked_prune(w_all, hinv_upper.to(torch.float32).contiguous(), sparsity, prune_n, blocksize, bits,
-                         groupsize, width, lowest_k_mask, sweep_into,
-                         lambda rest, err, hinv_rows: lazy_update(rest, err, hinv_rows, lazy_precision))

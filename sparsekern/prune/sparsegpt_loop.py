@@ -8,15 +8,61 @@ For W [rows, cols] and U (U^T U = H^-1, upper), the columns go left to right in 
     the segment sweep (OBS, column by column inside the segment), then the lazy update of every column right
     of it, W[:, i2:] -= Err @ U[i1:i2, i2:].
 The math is ``sparsekern.reference.sparsegpt`` (the test oracle and the CPU fallback, which has its own plain
-loop); the kernels plug in through three callbacks, so this module imports no kernel.
+loop). The kernels plug in through three callbacks; :func:`sparsegpt_prune` is the kernel backends'
+``sparsekern::sparsegpt_prune`` (``ops`` dispatches to it): this loop with the fused segment sweep, the radix select
+and the lazy-update GEMM of ``sparsekern.triton_kernels``, imported when it first runs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ..reference.masks import prune_count
 from ..reference.quant import minmax_params
+
+SEGMENT_COLUMNS = 128  # the widest fused sweep segment: its [rows, width] tiles stay in registers
+
+
+def segment_width(blocksize: int, prune_m: int, groupsize: int) -> int | None:
+    """The widest sweep segment (<= SEGMENT_COLUMNS) that tiles the mask blocks, the N:M groups and the
+    quantization groups; None if there is none."""
+    for width in range(min(blocksize, SEGMENT_COLUMNS), 0, -1):
+        if blocksize % width or (prune_m and width % prune_m):
+            continue
+        if groupsize and width % groupsize and groupsize % width:
+            continue
+        return width
+    return None
+
+
+def sparsegpt_prune(weight, hinv_upper, sparsity, prune_n=0, prune_m=0, blocksize=128, bits=0, groupsize=0,
+                    lazy_precision="ieee"):
+    """``reference.sparsegpt_prune`` (same arguments and results) on the fused kernels: segments of at most
+    SEGMENT_COLUMNS columns swept in registers, the block masks by radix select, one GEMM per lazy update. A block
+    structure no segment width tiles runs the reference."""
+    width = segment_width(blocksize, prune_m, groupsize if bits else 0)
+    if width is None:
+        return reference.sparsegpt_prune(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize,
+                                         lazy_precision)
+    from ..triton_kernels.select import lowest_k_mask
+    from ..triton_kernels.sparsegpt_sweep import lazy_update, sweep_segment
+
+    rows, cols = weight.shape
+    w_all = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    w_all.copy_(weight)
+    err = torch.empty(rows, width, dtype=torch.float32, device=weight.device)
+    mask = torch.empty(rows, width, dtype=torch.bool, device=weight.device)
+
+    def sweep_into(segment, hinv_block, prune_mask, scale, zero, segment_groupsize, losses):
+        columns = segment.shape[1]  # the last segment may be narrower
+        sweep_segment(segment, hinv_block, prune_mask, prune_n, prune_m, bits, scale, zero, segment_groupsize,
+                      segment, err[:, :columns], mask[:, :columns], losses, add_loss=True)
+        return err[:, :columns]
+
+    return blocked_prune(w_all, hinv_upper.to(torch.float32).contiguous(), sparsity, prune_n, blocksize, bits,
+                         groupsize, width, lowest_k_mask, sweep_into,
+                         lambda rest, err, hinv_rows: lazy_update(rest, err, hinv_rows, lazy_precision))
 
 
 def blocked_prune(w_all, hinv, sparsity, prune_n, blocksize, bits, groupsize, width, select_mask, sweep_into,
