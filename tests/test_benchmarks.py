@@ -216,3 +216,32 @@ def test_bench_checkpoint_sizes_and_load_times(results):
         assert float(row["dense_load_ms"]) > 0 and float(row["compressed_load_ms"]) > 0 and float(row["speedup"]) > 0
     with pytest.raises(SystemExit):
         bench.main(["--models", "tiny", "--patterns", "1.5", "--no-save"])
+
+
+def test_zero_shot_cloze_items_and_summary(tmp_path):
+    bench = load("bench_zero_shot")
+    documents = ["Alpha one two three four five. Alpha six seven eight nine ten. Alpha eleven twelve thirteen fourteen fifteen.", "Short one.",
+                 "Beta one two three four five. Beta six seven eight nine ten.",
+                 "Gamma one two three four five. Gamma six seven eight nine ten.",
+                 "Delta one two three four five six. Delta seven eight nine ten eleven."]
+    assert bench.sentences(documents[0])[1] == "Alpha six seven eight nine ten."
+    items = bench.cloze_items(documents, 100, seed=3)
+    assert len(items) == 5  # every consecutive pair of sentences of an article (of 6 to 40 words)
+    for item in items:
+        answer = item["choices"][item["label"]]
+        assert len(item["choices"]) == bench.CHOICES and answer.split()[0] == item["context"].split()[0]
+        # the distractors come from other articles
+        assert all(c.split()[0] != answer.split()[0] for i, c in enumerate(item["choices"]) if i != item["label"])
+    assert bench.cloze_items(documents, 100, seed=3) == items and len(bench.cloze_items(documents, 2)) == 2
+    path = tmp_path / "zero_shot.csv"
+    fields = ["model", "pattern", "method", "allocation", "permute", "seed", "acc", "acc_stderr", "acc_norm",
+              "perplexity"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerow(dict(zip(fields, ["m", "0.7", "sparsegpt", "uniform", "False", 0, 0.30, 0.02, 0.31, 90])))
+        writer.writerow(dict(zip(fields, ["m", "0.7", "sparsegpt", "uniform", "False", 1, 0.40, 0.03, 0.33, 110])))
+        writer.writerow(dict(zip(fields, ["m", "dense", "-", "-", "False", "", 0.5, 0.02, 0.6, 20])))
+    lines = bench.summary(path).splitlines()
+    assert "| m | dense |" in lines[2]  # dense first
+    assert "| 0.350 ± 0.030 | 0.320 | 100.00 | 2 |" in lines[3]
