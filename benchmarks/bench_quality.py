@@ -99,8 +99,8 @@ def grid(args) -> list[tuple]:
             args.patterns.split(","), args.methods.split(","), args.updates.split(","), args.refines.split(","),
             args.allocations.split(","), [False, True] if args.permute else [False], orders):
         nm = SparsityPattern.parse(pattern).is_nm
-        if update != "none" and method in ("sparsegpt", "obc"):
-            continue  # they update the weights themselves
+        if update == "obs" and method in ("sparsegpt", "obc"):
+            continue  # they update the weights themselves (lsq refits after them)
         if (allocation != "uniform" and nm) or (permute and not nm):
             continue  # an allocation spreads an unstructured sparsity; a permutation serves N:M
         if sequential and method == "magnitude" and update == "none":

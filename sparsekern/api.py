@@ -95,7 +95,8 @@ def prune(
         "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality ceiling for SparseGPT that
         costs O(rows * k * n^2) per linear, for small models and layers only).
     update: "obs" reconstructs the kept weights on the method's mask with SparseGPT's OBS sweep (for mask-only
-        methods: wanda, ria, magnitude); "none" (default) leaves them.
+        methods: wanda, ria, magnitude); "lsq" refits them exactly by least squares on the final mask (conjugate
+        gradients on the Hessian, after any method, SparseGPT included); "none" (default) leaves them.
     refine: a registered refinement run last on each linear's mask: "dsnot", or "none" (default).
     allocation: how the target sparsity is spread over the decoder layers (unstructured patterns): "uniform"
         (default), "owl", "sensitivity", or the path of a JSON file {layer index or name: sparsity}; the average

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "for small models only")
     prune.add_argument("--update", default="none", choices=["none", *sorted(REGISTRY["update"])],
                        help="obs: reconstruct the kept weights on the method's mask with SparseGPT's OBS sweep (for "
-                            "wanda, ria, magnitude); none (default)")
+                            "wanda, ria, magnitude); lsq: refit them exactly by least squares on the final mask "
+                            "(conjugate gradients; after any method, SparseGPT included); none (default)")
     prune.add_argument("--refine", default="none", choices=["none", *sorted(REGISTRY["refine"])],
                        help="improve each linear's mask after the method (and update), keeping its pattern: dsnot "
                             "(training-free prune-and-grow swaps), or none (default)")

@@ -247,6 +247,35 @@ def _(weight, hinv_upper, sparsity, prune_n, prune_m, blocksize, bits, groupsize
     )
 
 
+@torch.library.custom_op("sparsekern::lsq_refit", mutates_args=())
+def lsq_refit(dense: torch.Tensor, start: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
+              iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares refit of the kept weights on a fixed mask: (weight [rows, cols] fp32, loss [rows]).
+
+    Per row, the kept weights v minimizing (w - v) H (w - v)ᵀ with v = 0 where ``mask`` (True where pruned), by at
+    most ``iters`` Jacobi-preconditioned CG iterations from ``start`` (e.g. the pruning method's weights); loss is
+    (w - v) H (w - v)ᵀ / 2. dense, start [rows, cols] any float dtype; hessian [cols, cols] symmetric positive
+    definite (damped). One GEMM per iteration (cuBLAS on a GPU), so every backend runs the reference.
+    """
+    _check_pattern(dense, 0.0, 0, 0, "dense")
+    for name, tensor in (("start", start), ("mask", mask)):
+        if tensor.shape != dense.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected the dense weight's {tuple(dense.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool (True where pruned), got {mask.dtype}")
+    if hessian.shape != (dense.shape[1], dense.shape[1]):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(dense.shape[1],) * 2}")
+    if iters < 0:
+        raise ValueError(f"iters must be 0 or positive, got {iters}")
+    return _implementation("lsq_refit", dense)(dense, start, hessian, mask, iters)
+
+
+@lsq_refit.register_fake
+def _(dense, start, hessian, mask, iters):
+    rows, cols = dense.shape
+    return dense.new_empty((rows, cols), dtype=torch.float32), dense.new_empty((rows,), dtype=torch.float32)
+
+
 # -- 2:4 compressed weights ---------------------------------------------------------------------------------
 
 

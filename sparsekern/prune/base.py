@@ -61,6 +61,25 @@ class Method(Step):
         raise NotImplementedError
 
 
+class Update(Step):
+    """Reconstructs the kept weights on the mask a method chose (``--update``)."""
+
+    kind = "update"
+
+    def check_method(self, method: Method) -> None:
+        """Raise if this update cannot follow ``method``. By default a method that updates the kept weights itself
+        (SparseGPT, OBC) is refused: redoing its reconstruction from the dense weights would only repeat it."""
+        if method.updates_weights:
+            raise ValueError(f"--update {self.name}: method {method.name!r} already updates the kept weights "
+                             "itself; drop --update, or pick a mask-only method (wanda, ria, magnitude)")
+
+    def update(self, weight: torch.Tensor, mask: torch.Tensor, prepared: Any, where: str,
+               start: torch.Tensor | None = None) -> LinearResult:
+        """The kept weights reconstructed from the dense fp32 ``weight`` on ``mask`` (True where pruned);
+        ``start``: the method's own pruned weights, which an iterative update may start from."""
+        raise NotImplementedError
+
+
 class ScoreMethod(Method):
     """A method that only scores weights: the ``sparsekern::topk_mask`` op keeps the highest scores of each row
     (``per_row``) or of the whole layer, or of every M inputs for N:M; the rest are zeroed, no update."""

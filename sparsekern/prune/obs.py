@@ -14,7 +14,7 @@ import torch
 
 from .. import ops
 from ..reference.sparsegpt import round_to_tf32
-from .base import LinearResult, Step
+from .base import LinearResult, Update
 from .registry import register
 from .sparsegpt import HessianOptions, SweepOptions, inverse_hessian_factor
 
@@ -54,8 +54,7 @@ class ObsOptions(HessianOptions, SweepOptions):
 
 
 @register
-class ObsUpdate(Step):
-    kind = "update"
+class ObsUpdate(Update):
     name = "obs"
     Options = ObsOptions
     needs = frozenset({"hessian"})
@@ -63,7 +62,7 @@ class ObsUpdate(Step):
     def prepare(self, stats, where):
         return inverse_hessian_factor(stats, self.opts, where)
 
-    def update(self, weight: torch.Tensor, mask: torch.Tensor, prepared, where: str) -> LinearResult:
+    def update(self, weight: torch.Tensor, mask: torch.Tensor, prepared, where: str, start=None) -> LinearResult:
         # Inputs never seen have a unit diagonal and no coupling in the damped H: their weights stay as the mask left
         # them, and nothing moves into them.
         updated, loss = obs_update(weight, prepared.hinv_upper, mask, self.opts.blocksize, self.opts.lazy_precision)

@@ -1,5 +1,5 @@
 """What the driver runs on each linear: a method's mask (and its own update, if it has one), then optionally an
-update of the kept weights on that mask (``--update obs``), then optionally a refinement (``--refine dsnot``)."""
+update of the kept weights on that mask (``--update obs|lsq``), then optionally a refinement (``--refine dsnot``)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ class Recipe:
 
     def __init__(self, method: Method, update: Step | None = None, refine: Step | None = None,
                  allocation: Step | str | None = None, permute: bool = False):
-        if update is not None and method.updates_weights:
-            raise ValueError(f"--update {update.name}: method {method.name!r} already updates the kept weights "
-                             "itself; drop --update, or pick a mask-only method (wanda, ria, magnitude)")
+        if update is not None:
+            update.check_method(method)
         self.method, self.update, self.refine = method, update, refine
         # Model-level, run by sparsekern.allocate before the layers are pruned: a registered allocation step, the
         # path of a JSON map, or None (uniform).
@@ -73,7 +72,10 @@ class Recipe:
         return perm
 
     def prepare(self, stats: Any, where: str) -> list:
-        return [step.prepare(stats, where) if step.needs else None for step in self.steps]
+        # Last step first: a method's prepare may consume the statistics (SparseGPT turns the Hessian into its
+        # inverse factor in place), so a later step that reads them as collected (--update lsq) goes before it.
+        prepared = [step.prepare(stats, where) if step.needs else None for step in reversed(self.steps)]
+        return prepared[::-1]
 
     def prune_linear(self, weight: torch.Tensor, prepared: list, pattern: SparsityPattern,
                      where: str) -> LinearResult:
@@ -82,7 +84,7 @@ class Recipe:
         result = self.method.prune_linear(weight, prepared[0], pattern, where)
         index = 1
         if self.update is not None:
-            result = self.update.update(dense, result.pruned(), prepared[index], where)
+            result = self.update.update(dense, result.pruned(), prepared[index], where, start=result.weight)
             index += 1
         if self.refine is not None:
             result = self.refine.refine(dense, result, prepared[index], pattern, where)

@@ -25,14 +25,20 @@ def _positive(value):
 
 
 @dataclasses.dataclass
-class HessianOptions:
-    """What every step that builds the damped inverse-Hessian factor takes."""
+class DampedHessianOptions:
+    """What every step that works with the damped Hessian takes."""
 
     percdamp: float = option(0.01, "Hessian damping as a fraction of its mean diagonal", check=_positive)
-    max_damp_tries: int = option(4, "factorization attempts, damping x10 after each failure", check=_positive)
     hessian_dtype: Optional[str] = option(
         None, "cast calibration inputs to float32/float16/bfloat16 before accumulating the Hessian in fp32 "
         "(default: as the model produces them)", choices=HESSIAN_DTYPES)
+
+
+@dataclasses.dataclass
+class HessianOptions(DampedHessianOptions):
+    """What every step that builds the damped inverse-Hessian factor takes."""
+
+    max_damp_tries: int = option(4, "factorization attempts, damping x10 after each failure", check=_positive)
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from . import cholesky
 from .bitmap import bitmap_linear, compress_bitmap, decompress_bitmap
 from .cholesky import cholesky_delete, cholesky_update
 from .hessian import NotPositiveDefiniteError, hessian_update, hinv_cholesky, sumsq_update
+from .lsq import lsq_refit
 from .masks import nm_mask, prune_count, row_mask, tensor_mask, topk_mask
 from .quant import minmax_params, quantize
 from .sparse24 import compress_24, decompress_24, sparse24_linear
@@ -21,6 +22,7 @@ __all__ = [
     "decompress_bitmap",
     "hessian_update",
     "hinv_cholesky",
+    "lsq_refit",
     "magnitude_prune",
     "minmax_params",
     "nm_mask",
