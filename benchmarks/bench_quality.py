@@ -85,6 +85,19 @@ PRESETS = {
         ("2:4", "sparsegpt", "none", "none", "uniform", True),
         ("2:4", "ria", "obs", "none", "uniform", True),
     ],
+    # The least-squares refit after SparseGPT, at every pattern, with the allocation or permutation that suits it.
+    "lsq": [
+        ("0.5", "sparsegpt", "lsq", "none", "uniform"),
+        ("0.5", "sparsegpt", "lsq", "none", "sensitivity"),
+        ("0.6", "sparsegpt", "lsq", "none", "uniform"),
+        ("0.6", "sparsegpt", "lsq", "none", "sensitivity"),
+        ("0.7", "sparsegpt", "lsq", "none", "uniform"),
+        ("0.7", "sparsegpt", "lsq", "none", "sensitivity"),
+        ("2:4", "sparsegpt", "lsq", "none", "uniform"),
+        ("2:4", "sparsegpt", "lsq", "none", "uniform", True),
+        ("4:8", "sparsegpt", "lsq", "none", "uniform"),
+        ("4:8", "sparsegpt", "lsq", "none", "uniform", True),
+    ],
 }
 
 
