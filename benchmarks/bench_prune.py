@@ -7,7 +7,9 @@ floor beside its time.
 Shapes are (rows, cols) = (out_features, in_features). Cases per shape: SparseGPT (unstructured 50%, 2:4,
 2:4 + 4-bit, and 50% with the TF32 lazy update),
 Wanda (50%, 2:4), magnitude 50%, the streaming Hessian update (fp32 inputs exact and TF32, bf16 and
-fp16 inputs on tensor cores; 8192 calibration tokens per update) and Wanda's sum of squares. Both implementations
+fp16 inputs on tensor cores; 8192 calibration tokens per update), Wanda's sum of squares, and the least-squares
+refit of ``--update lsq`` (20 CG iterations on a 50% mask; a GEMM loop with no kernel of its own, so only its
+reference runs, against its GEMM floor). Both implementations
 run on the same device in the same process: ``reference`` is ``sparsekern.reference`` (the loop the ops fall back
 to), ``fused`` is the ``sparsekern.triton_kernels`` launcher the ops use on a GPU; unstructured Wanda is also
 timed as the published code does it (``sort``: a full sort of every row).
@@ -47,6 +49,7 @@ WANDA_CASES = ["0.5", "2:4"]
 HESSIAN_CASES = [("float32", "ieee"), ("float32", "tf32"), ("bfloat16", "ieee"), ("float16", "ieee")]
 QUICK = {"sparsegpt": SPARSEGPT_CASES[:2], "hessian": [HESSIAN_CASES[0], HESSIAN_CASES[2]]}
 BLOCKSIZE = 128
+LSQ_ITERS = 20  # the default of --lsq-iters
 
 
 def _set_tf32(enabled: bool) -> None:
@@ -171,6 +174,16 @@ def cases(shape, device, dtype, rates, tokens, quick=False):
             fns.pop("reference")  # the reference is exact fp32: compared in the ieee row
             baseline = ({**fields, "precision": "ieee"}, "fused")
         yield "hessian_update", fields, floor, fns, baseline
+    # The least-squares refit after SparseGPT (--update lsq) has no kernel of its own: it is LSQ_ITERS GEMMs of
+    # [rows, cols] x [cols, cols] (cuBLAS), timed against that floor and beside SparseGPT's own time above.
+    mask = torch.rand(rows, cols, device=device) < 0.5
+    dense32 = weight.float()
+    start = dense32.masked_fill(mask, 0)
+    damped = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(cols, device=device)
+    floor = floor_ms(rates, LSQ_ITERS * (rows * cols * 4 * 4 + cols * cols * 4), LSQ_ITERS * 2 * rows * cols * cols)
+    yield "lsq_refit", {"pattern": "0.5", "wbits": 0, "iters": LSQ_ITERS}, floor, {
+        "reference": lambda: reference.lsq_refit(dense32, start, damped, mask, LSQ_ITERS)}, "reference"
+
     x = torch.randn(batch, cols, device=device, dtype=dtype)
     s = torch.zeros(cols, device=device)
     impl = implementations("sumsq_update")
@@ -184,7 +197,8 @@ def run(shape, device, dtype, rates, repeat, tokens, quick=False) -> list[dict]:
     fused_timings = {}  # (op, fields) -> the fused timing, for later cases that take it as their baseline
     for op, fields, floor, fns, baseline in cases(shape, device, dtype, rates, tokens, quick):
         timings = {name: measure(fn, device, repeat=repeat) for name, fn in fns.items()}
-        fused_timings[op, repr(fields)] = timings["fused"]
+        main_impl = "fused" if "fused" in timings else "reference"  # an op without a kernel: its reference
+        fused_timings[op, repr(fields)] = timings[main_impl]
         if isinstance(baseline, tuple):
             base_fields, base_impl = baseline
             base = {"impl": f"{base_impl} {base_fields['precision']}", **fused_timings[op, repr(base_fields)]}
@@ -194,7 +208,7 @@ def run(shape, device, dtype, rates, repeat, tokens, quick=False) -> list[dict]:
                       "dtype": str(dtype).removeprefix("torch."), **timing, **floor}
                      for name, timing in timings.items()]
         speedups(case_rows, base)
-        fused = timings["fused"]["median_ms"]
+        fused = timings[main_impl]["median_ms"]
         if base["impl"] != "reference" and "reference" in timings:
             fused_row = case_rows[list(timings).index("fused")]
             fused_row["speedup_vs_reference"] = timings["reference"]["median_ms"] / fused
@@ -202,7 +216,7 @@ def run(shape, device, dtype, rates, repeat, tokens, quick=False) -> list[dict]:
         described = " ".join(f"{v}" for k, v in fields.items() if k in ("pattern", "x_dtype", "precision"))
         reference = timings.get("reference", {}).get("median_ms")
         ref_text = f"{reference:10.2f}" if reference else f"{'-':>10}"
-        print(f"{op:<16}{shape[0]:>6}x{shape[1]:<6} {described:<18} ref {ref_text} ms  fused {fused:9.3f} ms "
+        print(f"{op:<16}{shape[0]:>6}x{shape[1]:<6} {described:<18} ref {ref_text} ms  {main_impl} {fused:9.3f} ms "
               f"x{base['median_ms'] / fused:6.1f} vs {base['impl']:<11} floor {floor['floor_ms']:8.3f} ms "
               f"({fused / floor['floor_ms']:.1f}x floor)", flush=True)
     return results

@@ -290,6 +290,12 @@ def _wanda_floor(rows, _info):
     return _speedups(fused, 2.0, lower_is_better=True, key="over_floor", unit="× the floor")
 
 
+def _lsq_floor(rows, _info):
+    refit = [{"over_floor": float(r["median_ms"]) / float(r["floor_ms"])} for r in rows.get("prune", [])
+             if r["op"] == "lsq_refit"]
+    return _speedups(refit, 1.5, lower_is_better=True, key="over_floor", unit="× the floor")
+
+
 def _model(rows, _info):
     fused = [r for r in rows.get("prune_model", []) if r["impl"] == "fused"]
     result = _speedups(fused, 5)
@@ -356,6 +362,8 @@ TARGETS = [
     Target("SparseGPT per layer at 7B shapes, fused vs the reference loop", "≥ 20×", "prune-ops", _sparsegpt),
     Target("Wanda 50% at 7B shapes, fused vs the published per-row sort", "≥ 20×", "prune-ops", _wanda_sort),
     Target("Wanda at 7B shapes, time over its memory-bandwidth floor", "≤ 2×", "prune-ops", _wanda_floor),
+    Target("Least-squares refit (--update lsq, 20 iterations) at 7B shapes, time over its fp32 GEMM floor", "≤ 1.5×",
+           "prune-ops", _lsq_floor),
     Target("SparseGPT on a 7B-shaped model, fused vs the reference pipeline", "≥ 5×", "prune-model", _model),
     Target("2:4 GEMM at M ≤ 16, 7B shapes, fp16, vs dense cuBLAS", "≥ 1.5×", "gemm",
            _gemm("triton", lambda m: m <= 16, 1.5)),
