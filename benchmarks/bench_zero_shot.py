@@ -39,14 +39,17 @@ from sparsekern.models import cache_dir, load_model  # noqa: E402
 CSV = RESULTS / "zero_shot.csv"
 TASK = "lee_cloze"
 CHOICES = 4
-# (pattern, method, allocation, permute): dense first, then SparseGPT against its measured best improvements
+# (pattern, method, update, allocation, permute): dense first, then SparseGPT against its measured best improvements
 CONFIGS = [
-    ("dense", "-", "-", False),
-    ("0.5", "sparsegpt", "uniform", False),
-    ("0.7", "sparsegpt", "uniform", False),
-    ("0.7", "sparsegpt", "sensitivity", False),
-    ("2:4", "sparsegpt", "uniform", False),
-    ("2:4", "sparsegpt", "uniform", True),
+    ("dense", "-", "-", "-", False),
+    ("0.5", "sparsegpt", "none", "uniform", False),
+    ("0.5", "sparsegpt", "lsq", "uniform", False),
+    ("0.7", "sparsegpt", "none", "uniform", False),
+    ("0.7", "sparsegpt", "none", "sensitivity", False),
+    ("0.7", "sparsegpt", "lsq", "sensitivity", False),
+    ("2:4", "sparsegpt", "none", "uniform", False),
+    ("2:4", "sparsegpt", "none", "uniform", True),
+    ("2:4", "sparsegpt", "lsq", "uniform", True),
 ]
 TASK_YAML = """\
 task: {name}
@@ -113,6 +116,7 @@ def run(args) -> None:
     task_set = load_tasks(str(write_task(Path(args.task_dir), args.items)), progress=False)
     patterns = args.patterns.split(",")
     configs = [c for c in CONFIGS if c[0] == "dense" or c[0] in patterns]
+    done = measured() if args.skip_measured else set()
     for model_name in args.models.split(","):
         model, tokenizer = load_model(model_name, dtype="float32")
         dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -120,7 +124,10 @@ def run(args) -> None:
         held_out = eval_tokens(tokenizer, "lee", "test")
         for seed in [int(s) for s in args.seeds.split(",")]:
             calib = calibration_windows(tokenizer, "lee", nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
-            for pattern, method, allocation, permute in configs:
+            for pattern, method, update, allocation, permute in configs:
+                if (model_name, pattern, method, update, allocation, permute,
+                        None if pattern == "dense" else seed) in done:
+                    continue
                 if pattern == "dense" and seed != int(args.seeds.split(",")[0]):
                     continue  # no calibration: one row
                 model.load_state_dict(dense)
@@ -128,13 +135,14 @@ def run(args) -> None:
                 if pattern != "dense":
                     start = time.perf_counter()
                     sparsekern.prune(model, tokenizer, method=method, sparsity=pattern, calib=calib,
-                                     allocation=allocation, permute=permute, progress=False)
+                                     update=update, allocation=allocation, permute=permute, progress=False)
                     prune_s = time.perf_counter() - start
                 ppl = perplexity(model, held_out, seqlen=args.seqlen, max_windows=args.eval_windows,
                                  progress=False, bos_token_id=bos)["perplexity"]
                 scores = zero_shot(model, tokenizer, task_set, batch_size=args.batch_size, progress=False)
                 task = scores["tasks"][TASK]
-                row = {"model": model_name, "pattern": pattern, "method": method, "allocation": allocation,
+                row = {"model": model_name, "pattern": pattern, "method": method, "update": update,
+                       "allocation": allocation,
                        "permute": permute, "seed": seed if pattern != "dense" else "", "nsamples": args.nsamples,
                        "seqlen": args.seqlen, "task": TASK, "items": task["samples"],
                        "acc": round(task["acc"], 4), "acc_stderr": round(task["acc_stderr"], 4),
@@ -146,6 +154,20 @@ def run(args) -> None:
         del model
 
 
+def _key(row: dict) -> tuple:
+    """(model, pattern, method, update, allocation, permute) of a row; rows from before the update column ran none."""
+    update = row.get("update") or ("-" if row["pattern"] == "dense" else "none")
+    return row["model"], row["pattern"], row["method"], update, row["allocation"], row["permute"] == "True"
+
+
+def measured(path: Path = CSV) -> set[tuple]:
+    """The (configuration, seed) pairs results/zero_shot.csv already has (dense rows: seed None)."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {(*_key(row), int(row["seed"]) if row["seed"] else None) for row in csv.DictReader(f)}
+
+
 def summary(path: Path = CSV) -> str:
     """A markdown table: per configuration, mean accuracy over seeds (with the largest standard error of a run) and
     mean perplexity."""
@@ -153,13 +175,13 @@ def summary(path: Path = CSV) -> str:
         rows = list(csv.DictReader(f))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["model"], row["pattern"], row["method"], row["allocation"],
-               "permuted" if row["permute"] == "True" else "-")
+        model, pattern, method, update, allocation, permute = _key(row)
+        key = (model, pattern, method, update, allocation, "permuted" if permute else "-")
         groups.setdefault(key, []).append(row)
-    lines = ["| model | pattern | method | allocation | permute | acc (± stderr) | acc_norm | perplexity | runs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | pattern | method | update | allocation | permute | acc (± stderr) | acc_norm | perplexity "
+             "| runs |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = {config[0]: i for i, config in enumerate(CONFIGS)}
-    for key in sorted(groups, key=lambda k: (k[0], order.get(k[1], 99), k[3], k[4])):
+    for key in sorted(groups, key=lambda k: (k[0], order.get(k[1], 99), k[3], k[4], k[5])):
         runs = groups[key]
 
         def mean(field):
@@ -184,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-measured", action="store_true",
+                        help="leave out the configurations and seeds results/zero_shot.csv already has")
     parser.add_argument("--summary", action="store_true", help="print the table of results/zero_shot.csv and exit")
     args = parser.parse_args(argv)
     if not args.summary:

@@ -243,5 +243,8 @@ def test_zero_shot_cloze_items_and_summary(tmp_path):
         writer.writerow(dict(zip(fields, ["m", "0.7", "sparsegpt", "uniform", "False", 1, 0.40, 0.03, 0.33, 110])))
         writer.writerow(dict(zip(fields, ["m", "dense", "-", "-", "False", "", 0.5, 0.02, 0.6, 20])))
     lines = bench.summary(path).splitlines()
-    assert "| m | dense |" in lines[2]  # dense first
-    assert "| 0.350 ± 0.030 | 0.320 | 100.00 | 2 |" in lines[3]
+    assert "| m | dense | - | - |" in lines[2]  # dense first
+    # rows from before the update column ran no update
+    assert "| m | 0.7 | sparsegpt | none | uniform | - | 0.350 ± 0.030 | 0.320 | 100.00 | 2 |" in lines[3]
+    assert bench.measured(path) >= {("m", "0.7", "sparsegpt", "none", "uniform", False, 0),
+                                    ("m", "dense", "-", "-", "-", False, None)}
