@@ -39,6 +39,7 @@ from sparsekern.data import calibration_windows, eval_tokens, window_bos  # noqa
 from sparsekern.eval import perplexity  # noqa: E402
 from sparsekern.models import load_model  # noqa: E402
 from sparsekern.patterns import SparsityPattern  # noqa: E402
+from sparsekern.prune import REGISTRY  # noqa: E402
 
 CSV = RESULTS / "quality.csv"
 
@@ -112,8 +113,8 @@ def grid(args) -> list[tuple]:
             args.patterns.split(","), args.methods.split(","), args.updates.split(","), args.refines.split(","),
             args.allocations.split(","), [False, True] if args.permute else [False], orders):
         nm = SparsityPattern.parse(pattern).is_nm
-        if update == "obs" and method in ("sparsegpt", "obc"):
-            continue  # they update the weights themselves (lsq refits after them)
+        if update == "obs" and REGISTRY["method"][method].updates_weights:
+            continue  # SparseGPT, ADMM, OBC update the weights themselves (lsq refits after them)
         if (allocation != "uniform" and nm) or (permute and not nm):
             continue  # an allocation spreads an unstructured sparsity; a permutation serves N:M
         if sequential and method == "magnitude" and update == "none":

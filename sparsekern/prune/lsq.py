@@ -33,6 +33,7 @@ class LsqOptions(DampedHessianOptions):
 @dataclasses.dataclass
 class DampedHessian:
     hessian: torch.Tensor  # H + damp I, inputs never seen given a unit diagonal
+    dead: torch.Tensor  # [cols] bool: the inputs never seen (zero diagonal) in calibration
     damp: float
 
 
@@ -42,10 +43,11 @@ def damped_hessian(stats, percdamp: float, where: str) -> DampedHessian:
     if not torch.isfinite(hessian).all():
         raise FloatingPointError(f"{where}: the Hessian of the calibration inputs has NaN or Inf entries")
     diag = torch.diagonal(hessian)
-    diag[diag == 0] = 1.0  # an input never seen: its weight stays decoupled from the others
+    dead = diag == 0
+    diag[dead] = 1.0  # an input never seen: its weight stays decoupled from the others
     damp = percdamp * diag.mean().item()
     diag += damp
-    return DampedHessian(hessian, damp)
+    return DampedHessian(hessian, dead, damp)
 
 
 @register

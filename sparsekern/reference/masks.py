@@ -38,6 +38,8 @@ def row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     below = scores < threshold
     ties = scores == threshold
     missing = k - below.sum(dim=1, keepdim=True)
+    if torch.equal(ties.sum(dim=1, keepdim=True), missing):  # no row has more ties at its threshold than it needs
+        return below | ties
     return below | (ties & (ties.cumsum(dim=1) <= missing))
 
 

@@ -1,0 +1,96 @@
+"""``--method admm``: the layer's sparse regression solved by ADMM, then the least-squares refit on its mask.
+
+The problem SparseGPT approximates in one greedy sweep, min ||(W - Ŵ) X||² over Ŵ with the pattern's zeros, is
+split as in ALPS (Meng et al., 2024) and Boža's ADMM pruning (2024): a dense copy D pulled towards the data and a
+sparse copy Z, tied by a penalty rho that grows every iteration until they agree. In the input scaling where the
+damped Hessian has a unit diagonal (Hn = S⁻¹ H S⁻¹, Wn = W S, S = diag(sqrt H_jj)):
+
+    D = (Wn Hn + rho (Z - U)) (Hn + rho I)⁻¹        the dense step, through one eigendecomposition Hn = V L Vᵀ
+    Z = the pattern's projection of D + U           keep the largest |D + U|: over the whole layer (unstructured)
+                                                    or per group of M inputs (N:M)
+    U = U + D - Z                                    the scaled dual
+
+rho goes geometrically from ``admm_rho`` to 300x that over ``admm_iters`` iterations. The first mask is Wanda's
+criterion over the layer (|W_ij| sqrt(H_jj) is |Wn_ij|). Unlike SparseGPT's mask, chosen once per 128-column block
+from weights that only the columns to their left have updated, the projection may move any weight in or out of the
+mask at every iteration, with every kept weight adjusted to it. The last mask's kept weights are then refitted
+exactly (``sparsekern::lsq_refit``, ``lsq_iters`` CG iterations). Each iteration costs two GEMMs
+[rows, cols] x [cols, cols] and one selection; the eigendecomposition is shared by the linears reading one input.
+Inputs never seen in calibration are pruned first, as SparseGPT zeroes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import ops
+from .base import LinearResult, Method
+from .lsq import LsqOptions, damped_hessian
+from .registry import option, register
+
+RHO_GROWTH = 300.0  # rho's final value over its first: past it D and Z agree and the mask stops moving
+
+
+@dataclasses.dataclass
+class AdmmOptions(LsqOptions):
+    admm_iters: int = option(25, "admm: ADMM iterations (two GEMMs and one mask selection each)",
+                             check=lambda n: None if n >= 1 else "must be 1 or more")
+    admm_rho: float = option(0.03, "admm: the first penalty, relative to the unit diagonal of the scaled Hessian "
+                             f"(it grows {RHO_GROWTH:g}x over the iterations)",
+                             check=lambda r: None if r > 0 else "must be positive")
+
+
+@dataclasses.dataclass
+class Prepared:
+    hessian: torch.Tensor  # Hn: the damped Hessian scaled to a unit diagonal
+    scale: torch.Tensor  # S: sqrt of the damped Hessian's diagonal
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    dead: torch.Tensor  # inputs never active in calibration
+    damp: float
+
+
+@register
+class ADMM(Method):
+    name = "admm"
+    Options = AdmmOptions
+    needs = frozenset({"hessian"})
+    updates_weights = True
+
+    def prepare(self, stats, where):
+        damped = damped_hessian(stats, self.opts.percdamp, where)
+        h = damped.hessian
+        scale = torch.diagonal(h).sqrt()
+        h.div_(scale[:, None]).div_(scale[None, :])
+        eigenvalues, eigenvectors = torch.linalg.eigh(h)
+        return Prepared(h, scale, eigenvalues.clamp_min(0), eigenvectors, damped.dead, damped.damp)
+
+    def prune_linear(self, weight, prepared: Prepared, pattern, where):
+        o = self.opts
+        weight[:, prepared.dead] = 0
+        wn = weight * prepared.scale
+        target = wn @ prepared.hessian  # Wn Hn, the dense step's data term
+
+        def select(values):
+            # |values| over the layer (or per N:M group); never-seen inputs carry no weight, so they go first
+            scores = values.abs().masked_fill(prepared.dead, 0)
+            return ops.topk_mask(scores, pattern.sparsity, pattern.n, pattern.m, False)
+
+        mask = select(wn)
+        z = wn.masked_fill(mask, 0)
+        u = torch.zeros_like(wn)
+        v, lam = prepared.eigenvectors, prepared.eigenvalues
+        growth = RHO_GROWTH ** (1.0 / max(o.admm_iters - 1, 1))
+        rho = o.admm_rho
+        for _ in range(o.admm_iters):
+            d = ((target + rho * (z - u)) @ v).div_(lam + rho) @ v.T
+            z = d + u
+            mask = select(z)
+            z.masked_fill_(mask, 0)
+            u += d - z
+            rho *= growth
+        refit, loss = ops.lsq_refit(wn, z, prepared.hessian, mask, o.lsq_iters)
+        # back to the checkpoint's scaling; the loss (scale-invariant) is the refit's, in the damped Hessian
+        return LinearResult(refit / prepared.scale, loss=float(loss.sum()), damp=prepared.damp, mask=mask)
