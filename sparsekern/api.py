@@ -91,7 +91,8 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
 
-    method: a registered method (``sparsekern.prune.REGISTRY["method"]``): "sparsegpt", "wanda", "ria",
+    method: a registered method (``sparsekern.prune.REGISTRY["method"]``): "sparsegpt", "admm" (ADMM on each
+        layer's sparse regression, then an exact least-squares refit: see ``sparsekern.prune.admm``), "wanda", "ria",
         "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality ceiling for SparseGPT that
         costs O(rows * k * n^2) per linear, for small models and layers only).
     update: "obs" reconstructs the kept weights on the method's mask with SparseGPT's OBS sweep (for mask-only

@@ -154,3 +154,28 @@ def test_bitmap_linear_matches_dense(dtype, m):
     got = bitmap_linear(x, values, bitmap, offsets, bias)
     relative = ((got.float() - expected).norm() / expected.norm()).item()
     assert got.dtype == dtype and relative < (5e-3 if dtype == torch.float16 else 2e-2), relative
+
+
+@pytest.mark.parametrize("method, update, pattern", [("admm", "none", "0.7"), ("admm", "none", "2:4"),
+                                                     ("sparsegpt", "lsq", "0.5")])
+def test_admm_and_lsq_refit_on_the_gpu_match_the_cpu(method, update, pattern):
+    """ADMM (eigendecomposition, GEMMs, the radix-select kernel per iteration) and the CG refit on CUDA."""
+    from sparsekern.patterns import SparsityPattern
+    from sparsekern.prune import make_method
+
+    rows, cols = 1024, 1536
+    mix = cuda_randn(cols // 4, cols, seed=8) / (cols // 4) ** 0.5
+    x = cuda_randn(4096, cols // 4, seed=9) @ mix + 0.3 * cuda_randn(4096, cols, seed=10)
+    weight = cuda_randn(rows, cols, seed=11)
+    results = {}
+    for device in ("cuda", "cpu"):
+        recipe = make_method(method, update=update)
+        stats = recipe.new_stats(cols, torch.device(device), "layer")
+        stats.add(x.to(device))
+        result = recipe.prune_linear(weight.to(device).clone(), recipe.prepare(stats, "layer"),
+                                     SparsityPattern.parse(pattern), "layer")
+        error = ((weight.to(device) - result.weight) @ x.to(device).T).square().sum().item()
+        results[device] = (result.weight.cpu() == 0, error)
+    agree = (results["cuda"][0] == results["cpu"][0]).float().mean().item()
+    assert agree > 0.98, f"masks agree on {agree:.4f}"
+    assert results["cuda"][1] == pytest.approx(results["cpu"][1], rel=0.02)
