@@ -7,7 +7,7 @@ import torch
 import sparsekern
 from sparsekern.patterns import SparsityPattern
 from sparsekern.prune import make_method
-from sparsekern.prune.admm import RHO_GROWTH
+from sparsekern.prune.admm import RHO_GROWTH, AdmmOptions
 from sparsekern.reference.masks import nm_mask, prune_count, tensor_mask
 
 from checks import assert_close
@@ -22,7 +22,7 @@ def damped_hessian(x, percdamp=0.01):
     return h + percdamp * diag.mean() * torch.eye(h.shape[0], dtype=h.dtype), dead
 
 
-def admm_oracle(weight, x, pattern, iters=25, rho=0.03):
+def admm_oracle(weight, x, pattern, iters=AdmmOptions().admm_iters, rho=AdmmOptions().admm_rho):
     """The iteration of the method's docstring, literally: scale to a unit diagonal, D = (Wn Hn + rho (Z - U))
     (Hn + rho I)^-1 by a solve, Z = the projection of D + U, U += D - Z, rho *= growth; then each row's kept
     weights by its normal equations."""
