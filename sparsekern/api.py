@@ -67,7 +67,7 @@ def prune(
     model: torch.nn.Module,
     tokenizer=None,
     *,
-    method: str = "sparsegpt",
+    method: str = "admm",
     sparsity: PatternSpec = 0.5,
     calib: str | torch.Tensor = "lee",
     nsamples: int = 128,
@@ -91,8 +91,9 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time, and return a :class:`PruneReport`.
 
-    method: a registered method (``sparsekern.prune.REGISTRY["method"]``): "sparsegpt", "admm" (ADMM on each
-        layer's sparse regression, then an exact least-squares refit: see ``sparsekern.prune.admm``), "wanda", "ria",
+    method: a registered method (``sparsekern.prune.REGISTRY["method"]``): "admm" (default: ADMM on each layer's
+        sparse regression, then an exact least-squares refit, see ``sparsekern.prune.admm``; the lowest perplexity
+        measured at every pattern), "sparsegpt" (the published algorithm, with joint quantization), "wanda", "ria",
         "magnitude", or "obc" (exact greedy OBS per row, Frantar et al. 2022: a quality ceiling for SparseGPT that
         costs O(rows * k * n^2) per linear, for small models and layers only).
     update: "obs" reconstructs the kept weights on the method's mask with SparseGPT's OBS sweep (for mask-only

@@ -117,7 +117,8 @@ def test_interrupted_prune_resumes_and_cleans_up(capsys, tmp_path, tiny_folder, 
 
 
 def test_blocksize_not_multiple_of_m_is_refused_before_work(capsys, tmp_path, tiny_folder, text_file):
-    code, _, stderr = run(capsys, "prune", tiny_folder, "--sparsity", "4:8", "--blocksize", "12", "--calib",
+    code, _, stderr = run(capsys, "prune", tiny_folder, "--method", "sparsegpt", "--sparsity", "4:8", "--blocksize", "12",
+                          "--calib",
                           text_file, "--nsamples", 2, "--seqlen", 16, "--out", tmp_path / "o", "--quiet")
     assert code == 2 and "model.layers.0.self_attn.q_proj" in stderr and "--blocksize 12" in stderr
 
