@@ -44,12 +44,15 @@ CONFIGS = [
     ("dense", "-", "-", "-", False),
     ("0.5", "sparsegpt", "none", "uniform", False),
     ("0.5", "sparsegpt", "lsq", "uniform", False),
+    ("0.5", "admm", "none", "uniform", False),
     ("0.7", "sparsegpt", "none", "uniform", False),
     ("0.7", "sparsegpt", "none", "sensitivity", False),
     ("0.7", "sparsegpt", "lsq", "sensitivity", False),
+    ("0.7", "admm", "none", "uniform", False),
     ("2:4", "sparsegpt", "none", "uniform", False),
     ("2:4", "sparsegpt", "none", "uniform", True),
     ("2:4", "sparsegpt", "lsq", "uniform", True),
+    ("2:4", "admm", "none", "uniform", False),
 ]
 TASK_YAML = """\
 task: {name}
@@ -115,7 +118,8 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     task_set = load_tasks(str(write_task(Path(args.task_dir), args.items)), progress=False)
     patterns = args.patterns.split(",")
-    configs = [c for c in CONFIGS if c[0] == "dense" or c[0] in patterns]
+    methods = args.methods.split(",") if args.methods else None
+    configs = [c for c in CONFIGS if c[0] == "dense" or (c[0] in patterns and (methods is None or c[1] in methods))]
     done = measured() if args.skip_measured else set()
     for model_name in args.models.split(","):
         model, tokenizer = load_model(model_name, dtype="float32")
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--patterns", default="0.5,0.7,2:4")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", help="only the configurations of these methods (and dense), e.g. admm")
     parser.add_argument("--items", type=int, default=400, help="cloze items at most (the held-out split gives 329)")
     parser.add_argument("--task-dir", default=str(cache_dir() / "tasks"),
                         help="where lee_cloze.jsonl and its YAML are written (default: sparsekern's cache)")
