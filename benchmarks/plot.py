@@ -196,10 +196,11 @@ def plot_quality(csv_path: Path, out: Path) -> Path:
                 label = " ".join(part for part in config if part not in ("none", "-")) + f" ({len(ratios)})"
                 bars.append((mean, spread, label, config == QUALITY_BASELINE))
         bars.sort()
-        ax.barh(range(len(bars)), [b[0] for b in bars], xerr=[b[1] for b in bars],
-                color=["tab:gray" if b[3] else "tab:blue" for b in bars])
+        # points on a log axis: ratios span 0.5x to 10^5x (magnitude), and the differences near 1x are what matter
+        for row, (mean, spread, _, baseline) in enumerate(bars):
+            ax.errorbar(mean, row, xerr=spread, fmt="o", color="tab:gray" if baseline else "tab:blue", capsize=2)
+        ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlim(left=max(0.0, min(b[0] - b[1] for b in bars) - 0.1))  # the differences, not the bars' bulk
         ax.set_yticks(range(len(bars)))
         ax.set_yticklabels([b[2] for b in bars], fontsize=7)
         ax.invert_yaxis()
